@@ -1,0 +1,55 @@
+"""Pieces both kernel paths share: the hyperparameter bundle, the hygiene gate,
+and fp32 working copies of low-precision storage."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ..precision import write_back
+
+
+class Hyper(NamedTuple):
+    """One param group's hyperparameters, as the kernels need them."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    warmup_steps: int
+    auto_lr: bool
+    min_lr: float | None
+    max_lr: float | None
+    norm_ema_alpha: float
+    schedule_free: bool
+
+
+class StepReport(NamedTuple):
+    """What one group's update did, as 0-d tensors (never read on the host here)."""
+
+    applied: torch.Tensor  # bool: False when a non-finite gradient skipped the group
+    lr: torch.Tensor  # mean warmup-scaled lr over the group's tensors
+    effective_lr: torch.Tensor  # mean per-tensor step size η over the group's tensors
+
+
+def all_finite(norms: list[torch.Tensor]) -> torch.Tensor:
+    """True when every gradient norm is finite: the group-wide hygiene gate.
+
+    A norm is non-finite when its gradient holds a NaN or inf, or when its
+    squares overflow, which would poison ``v`` just the same.
+    """
+    device = norms[0].device
+    return torch.stack([n.isfinite().to(device) for n in norms]).all()
+
+
+def working_copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` itself when it is already in the compute dtype, else an upcast copy."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def store(dst: torch.Tensor, work: torch.Tensor) -> None:
+    """Write a working copy back into its storage (no-op when it *is* the storage)."""
+    if work is not dst:
+        write_back(dst, work)

@@ -1,0 +1,498 @@
+"""The optimizer classes: argument checks, param groups, lazy state,
+``state_dict``, ``train()``/``eval()``, and the wiring of the pieces.
+
+The math lives in :mod:`refadamw.kernels` (equations in
+:mod:`refadamw.kernels.reference`). This module only does bookkeeping.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from . import kernels
+from .averaging import x_to_y, y_to_x
+from .partition import block_layout
+from .precision import AUTO, compute_dtype, parse_state_dtype, write_back
+
+logger = logging.getLogger("refadamw")
+
+_STAT_KEYS = ("steps", "skipped_steps", "lr", "effective_lr")
+_SCALAR_STATE = ("step", "grad_norm_ema")
+_SF_SCALAR_STATE = ("lr_max", "weight_sum")
+
+
+def _check_number(name: str, value: Any, low: float, *, low_open: bool = False, high: float | None = None,
+                  high_open: bool = False) -> None:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or not value.is_floating_point():
+            raise TypeError(f"{name} must be a number or a 1-element float tensor, got {value!r}")
+        value = value.detach().cpu().item()  # construction time only, never in step()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    if math.isnan(value):
+        raise ValueError(f"{name} must not be NaN")
+    if value < low or (low_open and value == low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def _validate_hyperparameters(g: Mapping[str, Any]) -> None:
+    """Raise a ValueError/TypeError naming the first bad argument in group ``g``."""
+    _check_number("lr", g["lr"], 0.0)
+    betas = g["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, beta in enumerate(betas):
+        _check_number(f"betas[{i}]", beta, 0.0, high=1.0, high_open=True)
+    _check_number("eps", g["eps"], 0.0)
+    _check_number("weight_decay", g["weight_decay"], 0.0)
+    warmup = g["warmup_steps"]
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup_steps must be an int >= 0, got {warmup!r}")
+    for flag in ("auto_lr", "mini", "schedule_free"):
+        _check_bool(flag, g[flag])
+    for bound in ("min_lr", "max_lr"):
+        if g[bound] is not None:
+            _check_number(bound, g[bound], 0.0)
+    if g["min_lr"] is not None and g["max_lr"] is not None and g["min_lr"] > g["max_lr"]:
+        raise ValueError(f"min_lr ({g['min_lr']}) must not exceed max_lr ({g['max_lr']})")
+    _check_number("schedulefree_alpha", g["schedulefree_alpha"], 0.0, low_open=True, high=1.0)
+    if g["schedule_free"] and betas[0] == 0:
+        raise ValueError(
+            "betas[0] must be > 0 when schedule_free=True: the average x = (y - (1-beta1)·z)/beta1 "
+            "cannot be recovered with beta1 = 0"
+        )
+    rows = g["block_rows"]
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise ValueError(f"block_rows must be an int >= 1, got {rows!r}")
+    dtype = parse_state_dtype(g["state_dtype"])
+    if dtype not in (AUTO, torch.float32):
+        raise NotImplementedError(
+            f"state_dtype={g['state_dtype']!r}: bf16/fp16 optimizer state (with stochastic rounding) "
+            "is not implemented in this release; use 'auto' or 'fp32'"
+        )
+    if g["foreach"] is not None:
+        _check_bool("foreach", g["foreach"])
+
+
+class AdamWMiniSF(torch.optim.Optimizer):
+    r"""AdamW with an Adam-mini block second moment and Schedule-Free averaging.
+
+    The update (SPEC.md §3 items 1–4) is written out in
+    :mod:`refadamw.kernels.reference`. In short: a per-tensor step size
+    damped by a gradient-norm EMA (``auto_lr``), one second moment per row
+    (``mini``), and Schedule-Free averaging instead of an lr schedule.
+
+    Like ``schedulefree.AdamWScheduleFree``, the parameters hold the training
+    point ``y`` in train mode and the average ``x`` after :meth:`eval`; call
+    ``eval()`` before evaluating or saving weights and ``train()`` before
+    training again. A new optimizer starts in train mode.
+
+    Args:
+        params: tensors, param-group dicts, or ``(name, tensor)`` pairs.
+        lr: peak learning rate (after warmup).
+        betas: ``(β1, β2)``; β1 is the Schedule-Free interpolation (or the
+            momentum with ``schedule_free=False``), β2 the second-moment EMA.
+        eps: added to ``sqrt(v̂)``.
+        weight_decay: decoupled weight decay, applied at ``y``.
+        warmup_steps: linear lr warmup length, in steps.
+        auto_lr: scale each tensor's step by its gradient-norm EMA ratio.
+        min_lr, max_lr: bounds on the auto-lr step; ``None`` means
+            relative to the scheduled lr (see :mod:`refadamw.auto_lr`).
+        schedulefree_alpha: EMA rate of the gradient-norm average (the
+            seed's name).
+        mini: block-wise second moment; ``False`` for per-element ``v``.
+        block_rows: dim-0 slices per second-moment block (e.g. rows per head).
+        schedule_free: ``False`` gives AdamW-mini with momentum, for ablations.
+        state_dtype: storage dtype of the optimizer state; ``"auto"`` or fp32
+            in this release.
+        foreach: use the multi-tensor path (default) or the per-tensor one.
+        seed: seed for stochastic rounding of low-precision storage.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 2.5e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        auto_lr: bool = True,
+        min_lr: float | None = None,
+        max_lr: float | None = None,
+        schedulefree_alpha: float = 0.05,
+        mini: bool = True,
+        schedule_free: bool = True,
+        state_dtype: str | torch.dtype = AUTO,
+        block_rows: int = 1,
+        foreach: bool | None = None,
+        seed: int = 0,
+    ) -> None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        defaults = dict(
+            lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+            weight_decay=weight_decay, warmup_steps=warmup_steps, auto_lr=auto_lr, min_lr=min_lr,
+            max_lr=max_lr, schedulefree_alpha=schedulefree_alpha, mini=mini,
+            schedule_free=schedule_free, state_dtype=state_dtype, block_rows=block_rows, foreach=foreach,
+        )
+        _validate_hyperparameters(defaults)
+        self.seed = seed
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ groups
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (validated; on error the optimizer is left unchanged)."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"a param group must be a dict, got {type(param_group).__name__}")
+        before = len(self.param_groups)
+        super().add_param_group(param_group)
+        if len(self.param_groups) == before:  # torch rejected it without raising
+            return
+        group = self.param_groups[-1]
+        try:
+            self._validate_group(group)
+        except Exception:
+            self.param_groups.pop()
+            raise
+        group.setdefault("train_mode", True)
+        group.setdefault("stats", self._new_stats(group["params"][0].device))
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        _validate_hyperparameters(group)
+        params = group["params"]
+        if len({id(p) for p in params}) != len(params):
+            raise ValueError("params contains duplicate parameters; each tensor may appear only once")
+        for p in params:
+            if p.is_complex():
+                raise TypeError(f"complex parameters are not supported (got a {p.dtype} parameter)")
+            if not p.is_floating_point():
+                raise TypeError(f"parameters must be floating point, got a {p.dtype} parameter")
+            block_layout(p.shape, group["mini"], group["block_rows"])  # raises on a bad block_rows
+
+    @staticmethod
+    def _new_stats(device: torch.device) -> dict[str, torch.Tensor]:
+        return {key: torch.zeros((), dtype=torch.float32, device=device) for key in _STAT_KEYS}
+
+    # ------------------------------------------------------------------- state
+
+    @staticmethod
+    def _storage_dtype(group: Mapping[str, Any], param: torch.Tensor) -> torch.dtype:
+        dtype = parse_state_dtype(group["state_dtype"])
+        return compute_dtype(param.dtype) if dtype == AUTO else dtype
+
+    def _expected_state(self, group: Mapping[str, Any], param: torch.Tensor) -> dict[str, tuple]:
+        """State key → (shape, dtype) that a parameter of ``group`` carries."""
+        scalar = ((), compute_dtype(param.dtype))
+        storage = self._storage_dtype(group, param)
+        layout = block_layout(param.shape, group["mini"], group["block_rows"])
+        expected = {key: scalar for key in _SCALAR_STATE}
+        expected["exp_avg_sq"] = (layout.state_shape(param.shape), compute_dtype(storage))
+        if group["schedule_free"]:
+            expected.update({key: scalar for key in _SF_SCALAR_STATE})
+            expected["z"] = (param.shape, storage)
+        else:
+            expected["exp_avg"] = (param.shape, storage)
+        return expected
+
+    def _init_state(self, group: Mapping[str, Any], param: torch.Tensor) -> dict[str, torch.Tensor]:
+        state = {}
+        for key, (shape, dtype) in self._expected_state(group, param).items():
+            if key == "z":  # Schedule-Free starts with z = x = y
+                state[key] = param.detach().to(dtype=dtype, copy=True)
+            else:
+                state[key] = torch.zeros(shape, dtype=dtype, device=param.device)
+        return state
+
+    def _collect(self, group: dict[str, Any]):
+        params, grads, states, layouts = [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise TypeError(f"{type(self).__name__} does not support sparse gradients")
+            if p.grad.is_complex():
+                raise TypeError("complex gradients are not supported")
+            state = self.state[p]
+            if not state:
+                state.update(self._init_state(group, p))
+            layout = block_layout(p.shape, group["mini"], group["block_rows"])
+            if state["exp_avg_sq"].shape != layout.state_shape(p.shape):
+                raise ValueError(
+                    f"the second-moment state of a parameter of shape {tuple(p.shape)} has shape "
+                    f"{tuple(state['exp_avg_sq'].shape)}, which does not match mini={group['mini']}, "
+                    f"block_rows={group['block_rows']}; these cannot change after the first step"
+                )
+            params.append(p)
+            grads.append(p.grad)
+            states.append(state)
+            layouts.append(layout)
+        return params, grads, states, layouts
+
+    @staticmethod
+    def _hyper(group: Mapping[str, Any]) -> kernels.Hyper:
+        return kernels.Hyper(
+            lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
+            weight_decay=group["weight_decay"], warmup_steps=group["warmup_steps"],
+            auto_lr=group["auto_lr"], min_lr=group["min_lr"], max_lr=group["max_lr"],
+            norm_ema_alpha=group["schedulefree_alpha"], schedule_free=group["schedule_free"],
+        )
+
+    # -------------------------------------------------------------------- step
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step; returns the closure's loss, if any.
+
+        Never synchronizes with the host: every decision (hygiene skips,
+        step sizes) is tensor arithmetic on the parameters' device.
+        """
+        for group in self.param_groups:
+            if group["schedule_free"] and not group["train_mode"]:
+                raise RuntimeError(
+                    f"{type(self).__name__}.step() was called in eval mode; call optimizer.train() "
+                    "before training (the parameters currently hold the averaged weights x)"
+                )
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, states, layouts = self._collect(group)
+            if not params:
+                continue
+            foreach = True if group["foreach"] is None else group["foreach"]
+            report = kernels.update(params, grads, states, layouts, self._hyper(group), foreach=foreach)
+            stats = group["stats"]
+            applied = report.applied.to(stats["steps"])
+            stats["steps"].add_(applied)
+            stats["skipped_steps"].add_(1 - applied)
+            stats["lr"].copy_(report.lr)
+            stats["effective_lr"].copy_(report.effective_lr)
+        return loss
+
+    # ------------------------------------------------------------- train/eval
+
+    @torch.no_grad()
+    def _switch(self, to_train: bool) -> None:
+        for group in self.param_groups:
+            if not group["schedule_free"] or group["train_mode"] == to_train:
+                continue
+            beta1 = group["betas"][0]
+            for p in group["params"]:
+                z = self.state.get(p, {}).get("z")
+                if z is None:
+                    continue  # never stepped: y = x = z, nothing to convert
+                dtype = compute_dtype(p.dtype)
+                convert = x_to_y if to_train else y_to_x
+                write_back(p, convert(p.to(dtype), z.to(dtype), beta1))
+            group["train_mode"] = to_train
+
+    def train(self) -> None:
+        """Put the training point ``y`` in the parameters (no-op if already there)."""
+        self._switch(True)
+
+    def eval(self) -> None:
+        """Put the averaged weights ``x`` in the parameters, for evaluation or saving."""
+        self._switch(False)
+
+    # ------------------------------------------------------------------ stats
+
+    def stats(self) -> dict[str, torch.Tensor]:
+        """Step statistics as 0-d tensors (read them outside ``step()``).
+
+        ``steps``: updates applied (the most of any group); ``skipped_steps``:
+        group updates skipped for a non-finite gradient, summed over groups;
+        ``lr`` and ``effective_lr``: the first group's scheduled lr and mean
+        auto-lr step size at the last update. Each group's own values are in
+        ``param_groups[i]["stats"]``.
+        """
+        groups = [g["stats"] for g in self.param_groups]
+        device = groups[0]["steps"].device
+        stacked = {k: torch.stack([g[k].to(device) for g in groups]) for k in ("steps", "skipped_steps")}
+        return {
+            "steps": stacked["steps"].max(),
+            "skipped_steps": stacked["skipped_steps"].sum(),
+            "lr": groups[0]["lr"].clone(),
+            "effective_lr": groups[0]["effective_lr"].clone(),
+        }
+
+    # ------------------------------------------------------------- state_dict
+
+    @torch._disable_dynamo
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a ``state_dict`` from this optimizer class.
+
+        Unlike ``torch.optim.Optimizer``, state tensors keep the dtype this
+        optimizer stores them in (they are not cast to the parameter dtype).
+        Everything is checked before anything changes: a state_dict from
+        another optimizer, with other groups or with malformed state raises
+        ``ValueError``/``TypeError`` and leaves the optimizer as it was.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+        state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        groups, state = self._checked_state(state_dict)
+        self.__setstate__({"state": state, "param_groups": groups})
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _checked_state(self, state_dict: Mapping[str, Any]):
+        name = type(self).__name__
+        missing = {"state", "param_groups"} - set(state_dict)
+        if missing:
+            raise ValueError(f"not an optimizer state_dict: missing {sorted(missing)}")
+        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        if not isinstance(saved_groups, (list, tuple)) or not isinstance(saved_state, Mapping):
+            raise TypeError("state_dict['param_groups'] must be a list and state_dict['state'] a mapping")
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"the state_dict has {len(saved_groups)} param groups, this optimizer has "
+                f"{len(self.param_groups)}"
+            )
+        required = set(self.defaults) | {"params", "train_mode", "stats"}
+        new_groups, new_state = [], {}
+        for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if not isinstance(saved, Mapping):
+                raise TypeError(f"param group {i} of the state_dict is not a dict")
+            lacking = required - set(saved)
+            if lacking:
+                raise ValueError(
+                    f"the state_dict does not come from {name} (param group {i} lacks {sorted(lacking)})"
+                )
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"param group {i} has {len(group['params'])} parameters, the state_dict's has "
+                    f"{len(saved['params'])}"
+                )
+            new_group = {k: v for k, v in saved.items() if k not in ("params", "stats")}
+            _validate_hyperparameters(new_group)
+            new_group["params"] = group["params"]
+            if "param_names" not in saved and "param_names" in group:
+                new_group["param_names"] = group["param_names"]
+            new_group["stats"] = self._checked_stats(saved["stats"], group["stats"], i)
+            for param, key in zip(group["params"], saved["params"]):
+                if key in saved_state:
+                    new_state[param] = self._checked_param_state(new_group, param, saved_state[key], key)
+            new_groups.append(new_group)
+        return new_groups, new_state
+
+    def _checked_stats(self, saved: Any, current: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+        if not isinstance(saved, Mapping) or set(saved) != set(_STAT_KEYS) or not all(
+            isinstance(v, torch.Tensor) and v.numel() == 1 for v in saved.values()
+        ):
+            raise ValueError(f"param group {index} of the state_dict has malformed 'stats'")
+        return {k: saved[k].detach().to(current[k], copy=True).reshape(()) for k in _STAT_KEYS}
+
+    def _checked_param_state(self, group, param, saved: Any, key: Any) -> dict[str, torch.Tensor]:
+        if not isinstance(saved, Mapping):
+            raise TypeError(f"state of parameter {key} is not a dict")
+        expected = self._expected_state(group, param)
+        if set(saved) != set(expected):
+            raise ValueError(
+                f"state of parameter {key} has keys {sorted(saved)}, expected {sorted(expected)} "
+                f"(is the state_dict from another optimizer or schedule_free setting?)"
+            )
+        out = {}
+        for name, (shape, dtype) in expected.items():
+            value = saved[name]
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"state '{name}' of parameter {key} is not a tensor")
+            if tuple(value.shape) != tuple(shape):
+                raise ValueError(
+                    f"state '{name}' of parameter {key} has shape {tuple(value.shape)}, expected {tuple(shape)}"
+                )
+            if not value.is_floating_point():
+                raise TypeError(f"state '{name}' of parameter {key} has non-float dtype {value.dtype}")
+            out[name] = value.detach().to(device=param.device, dtype=dtype, copy=True)
+        return out
+
+
+def _check_signal(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0:
+            raise ValueError(f"{name} must be a Python float or a 0-dim tensor, got shape {tuple(value.shape)}")
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a Python float or a 0-dim tensor, got {type(value).__name__}")
+
+
+class RefAdamWMiniSF(AdamWMiniSF):
+    """:class:`AdamWMiniSF` plus the Ref controller (SPEC.md §3 items 5–6).
+
+    The controller (mid-phase injection into the weight average, divergence
+    and overfit detection, self-repair) is **not implemented in this
+    release**. Its arguments are accepted and checked so scripts written for
+    the full surface run, and the optimizer behaves exactly like
+    :class:`AdamWMiniSF`; a warning says so once.
+
+    Extra args:
+        ref_alpha: injection share λ of the current iterate into the average.
+        ref_window: ``(start, end)`` fractions of ``total_steps`` where
+            injection is active.
+        total_steps: planned training length ``T`` (alias ``ref_max_steps``).
+        repair: enable divergence repair.
+    """
+
+    def __init__(self, params, *args: Any, ref_alpha: float = 0.05, ref_window: tuple[float, float] = (0.2, 0.8),
+                 total_steps: int | None = None, ref_max_steps: int | None = None, repair: bool = True,
+                 **kwargs: Any) -> None:
+        _check_number("ref_alpha", ref_alpha, 0.0, high=1.0)
+        if not isinstance(ref_window, (tuple, list)) or len(ref_window) != 2:
+            raise TypeError(f"ref_window must be a pair (start, end), got {ref_window!r}")
+        _check_number("ref_window[0]", ref_window[0], 0.0, high=1.0)
+        _check_number("ref_window[1]", ref_window[1], 0.0, high=1.0)
+        if ref_window[0] > ref_window[1]:
+            raise ValueError(f"ref_window start must not exceed its end, got {tuple(ref_window)}")
+        if total_steps is not None and ref_max_steps is not None and total_steps != ref_max_steps:
+            raise ValueError(f"total_steps={total_steps} and its alias ref_max_steps={ref_max_steps} disagree")
+        total_steps = total_steps if total_steps is not None else ref_max_steps
+        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
+                                        or total_steps < 1):
+            raise ValueError(f"total_steps must be a positive int or None, got {total_steps!r}")
+        _check_bool("repair", repair)
+        super().__init__(params, *args, **kwargs)
+        self.ref_alpha, self.ref_window, self.total_steps, self.repair = (
+            ref_alpha, tuple(ref_window), total_steps, repair)
+        logger.warning(
+            "RefAdamWMiniSF: the Ref controller (injection, divergence repair, overfit detection) is not "
+            "implemented in this release; the optimizer runs as AdamWMiniSF and loss signals are ignored"
+        )
+
+    @torch.no_grad()
+    def step(self, closure=None, *, loss=None, max_steps=None, val_loss=None):
+        """One step. ``loss``, ``val_loss`` and ``max_steps`` are checked but not yet used."""
+        self._check_signals(loss, val_loss)
+        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)
+                                      or max_steps < 1):
+            raise ValueError(f"max_steps must be a positive int or None, got {max_steps!r}")
+        return super().step(closure)
+
+    def observe(self, loss=None, val_loss=None) -> None:
+        """Feed the controller from a callback (checked, not yet used)."""
+        self._check_signals(loss, val_loss)
+
+    @staticmethod
+    def _check_signals(loss, val_loss) -> None:
+        _check_signal("loss", loss)
+        _check_signal("val_loss", val_loss)
