@@ -56,7 +56,7 @@ def _validate_hyperparameters(g: Mapping[str, Any]) -> None:
         raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     for i, beta in enumerate(betas):
         _check_number(f"betas[{i}]", beta, 0.0, high=1.0, high_open=True)
-    _check_number("eps", g["eps"], 0.0)
+    _check_number("eps", g["eps"], 0.0, low_open=True)  # eps = 0 turns a zero gradient into 0/0
     _check_number("weight_decay", g["weight_decay"], 0.0)
     warmup = g["warmup_steps"]
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
@@ -159,6 +159,12 @@ class AdamWMiniSF(torch.optim.Optimizer):
         """Add a group (validated; on error the optimizer is left unchanged)."""
         if not isinstance(param_group, dict):
             raise TypeError(f"a param group must be a dict, got {type(param_group).__name__}")
+        params = param_group.get("params")
+        if params is not None and not isinstance(params, (torch.Tensor, set)):
+            param_group["params"] = params = list(params)  # a generator can be read only once
+            tensors = [p[1] if isinstance(p, tuple) else p for p in params]
+            if len({id(t) for t in tensors}) != len(tensors):
+                raise ValueError("params contains duplicate parameters; each tensor may appear only once")
         before = len(self.param_groups)
         super().add_param_group(param_group)
         if len(self.param_groups) == before:  # torch rejected it without raising
@@ -174,10 +180,7 @@ class AdamWMiniSF(torch.optim.Optimizer):
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         _validate_hyperparameters(group)
-        params = group["params"]
-        if len({id(p) for p in params}) != len(params):
-            raise ValueError("params contains duplicate parameters; each tensor may appear only once")
-        for p in params:
+        for p in group["params"]:
             if p.is_complex():
                 raise TypeError(f"complex parameters are not supported (got a {p.dtype} parameter)")
             if not p.is_floating_point():

@@ -44,6 +44,22 @@ def all_finite(norms: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([n.isfinite().to(device) for n in norms]).all()
 
 
+def finite_grads(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Gradients with NaN/inf replaced by 0.
+
+    A skipped step (``keep`` false) runs with η = c = 0 and the moment mixing
+    weights at 0, which leaves every buffer exactly as it was *provided* the
+    operands are finite (0·NaN would be NaN). ``nan_to_num`` is a fast
+    elementwise pass, unlike ``torch.where`` on CPU.
+    """
+    return [torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in grads]
+
+
+def finite_squares(squares: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Block mean squares with overflow (finite g, g² > max float) capped, in place."""
+    return [torch.nan_to_num_(s, posinf=torch.finfo(s.dtype).max) for s in squares]
+
+
 def working_copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t`` itself when it is already in the compute dtype, else an upcast copy."""
     return t if t.dtype == dtype else t.to(dtype)

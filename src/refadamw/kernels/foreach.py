@@ -17,7 +17,7 @@ from ..auto_lr import step_size, update_norm_ema
 from ..averaging import averaging_weight, warmup_factor, y_step_coefficient
 from ..partition import BlockLayout
 from ..precision import compute_dtype
-from .common import Hyper, StepReport, all_finite, store, working_copy
+from .common import Hyper, StepReport, all_finite, finite_grads, finite_squares, store, working_copy
 
 
 def multi_tensor_update(
@@ -74,12 +74,10 @@ def _update_bucket(params, grads, norm, states, layouts, h: Hyper, keep, dtype):
     ema = update_norm_ema(old_ema, norm, step == 1, h.norm_ema_alpha)
     eta = step_size(lr_t, ema, norm, h.min_lr, h.max_lr) if h.auto_lr else lr_t
     eta = torch.where(keep, eta, zero)
-    # A skipped step must not leak NaN into state: zero the gradients, which
-    # with η = c = 0 and the v/m mixing weights at 0 leaves everything as is.
-    grads = [torch.where(keep, g, zero) for g in grads]
+    grads = finite_grads(grads)
 
     blocked_grads = [lay.blocked(g) for lay, g in zip(layouts, grads)]
-    squares = [lay.mean_square(bg) for lay, bg in zip(layouts, blocked_grads)]
+    squares = finite_squares([lay.mean_square(bg) for lay, bg in zip(layouts, blocked_grads)])
     vs = [working_copy(s["exp_avg_sq"], dtype) for s in states]
     torch._foreach_lerp_(vs, squares, [(1 - h.beta2) * keep_f] * n)
     sqrt_bias2 = (1 - h.beta2 ** step.clamp(min=1)).sqrt()
@@ -91,7 +89,10 @@ def _update_bucket(params, grads, norm, states, layouts, h: Hyper, keep, dtype):
     ys = [working_copy(p, dtype) for p in params]
     blocked_ys = [lay.blocked(y) for lay, y in zip(layouts, ys)]
     if h.schedule_free:
-        ds = torch._foreach_div(blocked_grads, denoms)
+        # The finite gradients are our own copies: divide in place rather than
+        # allocate (fresh large buffers cost page faults on every step on CPU).
+        ds = blocked_grads
+        torch._foreach_div_(ds, denoms)
     else:
         ms = [working_copy(s["exp_avg"], dtype) for s in states]
         torch._foreach_lerp_(ms, grads, [(1 - h.beta1) * keep_f] * n)

@@ -35,7 +35,7 @@ from ..auto_lr import step_size, update_norm_ema
 from ..averaging import averaging_weight, warmup_factor, y_step_coefficient
 from ..partition import BlockLayout
 from ..precision import compute_dtype
-from .common import Hyper, StepReport, all_finite, store
+from .common import Hyper, StepReport, all_finite, finite_grads, finite_squares, store
 
 
 def single_tensor_update(
@@ -66,10 +66,11 @@ def _update_one(param, grad, norm, state, layout: BlockLayout, h: Hyper, keep):
     ema = update_norm_ema(state["grad_norm_ema"], norm, step == 1, h.norm_ema_alpha)
     eta = step_size(lr_t, ema, norm, h.min_lr, h.max_lr) if h.auto_lr else lr_t
     eta = torch.where(keep, eta, zero)
-    grad = torch.where(keep, grad, zero)  # a skipped step must not leak NaN into state
+    (grad,) = finite_grads([grad])
 
     blocked_grad = layout.blocked(grad)
-    v = torch.lerp(state["exp_avg_sq"].to(dtype), layout.mean_square(blocked_grad), (1 - h.beta2) * keep_f)
+    (square,) = finite_squares([layout.mean_square(blocked_grad)])
+    v = torch.lerp(state["exp_avg_sq"].to(dtype), square, (1 - h.beta2) * keep_f)
     bias2 = 1 - h.beta2 ** step.clamp(min=1)
     denom = layout.broadcastable((v / bias2).sqrt() + h.eps, param.dim())
 

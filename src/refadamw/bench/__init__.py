@@ -1,0 +1,1 @@
+"""Benchmarks and the demo run. Nothing in the library imports this package."""

@@ -1,0 +1,1 @@
+"""Embedded workloads: data that ships in a package or is generated, never downloaded."""

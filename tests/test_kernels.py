@@ -1,0 +1,66 @@
+"""The multi-tensor path equals the per-tensor reference path."""
+
+from unittest import mock
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from refadamw import kernels, partition
+from refadamw.optimizer import AdamWMiniSF
+
+shapes = st.lists(st.integers(1, 6), min_size=0, max_size=4).map(tuple)
+hyper = st.fixed_dictionaries(dict(
+    lr=st.floats(0.0, 0.1),
+    betas=st.tuples(st.floats(0.05, 0.99), st.floats(0.0, 0.999)),
+    eps=st.sampled_from([1e-12, 1e-8, 1e-3]),
+    weight_decay=st.floats(0.0, 0.5),
+    warmup_steps=st.integers(0, 4),
+    auto_lr=st.booleans(),
+    mini=st.booleans(),
+    schedule_free=st.booleans(),
+    block_rows=st.just(1),
+    schedulefree_alpha=st.floats(0.01, 1.0),
+))
+
+
+def _run(shape_list, dtype, options, foreach, grads):
+    params = [torch.nn.Parameter(torch.linspace(-1, 1, max(1, torch.Size(s).numel())).reshape(s).to(dtype) * (i + 1))
+              for i, s in enumerate(shape_list)]
+    opt = AdamWMiniSF(params, foreach=foreach, **options)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = None if g is None else g.to(dtype)
+        opt.step()
+    opt.eval()
+    return params, opt
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shape_list=st.lists(shapes, min_size=1, max_size=4), options=hyper,
+       dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+       seed=st.integers(0, 2**16), nan_step=st.sampled_from([None, 1, 2]))
+def test_foreach_matches_single_tensor(shape_list, options, dtype, seed, nan_step):
+    gen = torch.Generator().manual_seed(seed)
+    grads = []
+    for step in range(4):
+        row = [torch.randn(s, generator=gen) if (i + step) % 3 else None for i, s in enumerate(shape_list)]
+        row[0] = torch.randn(shape_list[0], generator=gen)
+        if step == nan_step:
+            row[0] = row[0].clone().reshape(-1)
+            row[0][0] = float("inf")
+            row[0] = row[0].reshape(shape_list[0])
+        grads.append(row)
+    with mock.patch.object(partition, "SMALL_NUMEL", 4):  # let tiny tensors take the mini path too
+        a, opt_a = _run(shape_list, dtype, options, True, grads)
+        b, opt_b = _run(shape_list, dtype, options, False, grads)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    for pa, pb in zip(a, b):
+        torch.testing.assert_close(pa, pb, rtol=tol, atol=tol)
+        assert torch.isfinite(pa).all()
+    for key in ("steps", "skipped_steps"):
+        assert torch.equal(opt_a.stats()[key], opt_b.stats()[key])
+
+
+def test_update_dispatches_to_both_paths():
+    assert kernels.multi_tensor_update is not kernels.single_tensor_update

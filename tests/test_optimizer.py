@@ -1,0 +1,347 @@
+"""Public behaviour of AdamWMiniSF: modes, state_dict, bad input, input forms."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+from refadamw import AdamWMiniSF
+
+
+def _model(device="cpu", dtype=torch.float32):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 256), torch.nn.Tanh(), torch.nn.Linear(256, 4)).to(device, dtype)
+
+
+def _train(model, opt, steps, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    for _ in range(steps):
+        x = torch.randn(32, 16, generator=gen).to(device, dtype)
+        loss = (model(x) - x[:, :4]).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def _snapshot(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+# ---------------------------------------------------------------------- basics
+
+@pytest.mark.parametrize("schedule_free", [True, False])
+def test_zero_lr_changes_nothing(device, schedule_free):
+    model = _model(device)
+    before = _snapshot(model)
+    opt = AdamWMiniSF(model.parameters(), lr=0.0, weight_decay=0.1, warmup_steps=3, schedule_free=schedule_free)
+    _train(model, opt, 5)
+    opt.eval()
+    for a, b in zip(before, model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_eval_then_train_restores_the_weights(device):
+    model = _model(device)
+    opt = AdamWMiniSF(model.parameters(), lr=1e-2)
+    _train(model, opt, 5)
+    y = _snapshot(model)
+    opt.eval()
+    assert any(not torch.allclose(a, b) for a, b in zip(y, model.parameters()))  # x differs from y
+    opt.eval()  # idempotent
+    opt.train()
+    opt.train()
+    for a, b in zip(y, model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_a_new_optimizer_is_in_train_mode_and_eval_before_any_step_is_harmless(device):
+    model = _model(device)
+    opt = AdamWMiniSF(model.parameters())
+    assert all(g["train_mode"] for g in opt.param_groups)
+    before = _snapshot(model)
+    opt.eval()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    opt.train()
+    _train(model, opt, 1)
+
+
+def test_step_in_eval_mode_raises(device):
+    model = _model(device)
+    opt = AdamWMiniSF(model.parameters())
+    _train(model, opt, 1)
+    opt.eval()
+    with pytest.raises(RuntimeError, match="eval mode.*optimizer.train"):
+        _train(model, opt, 1)
+
+
+def test_train_and_eval_are_no_ops_without_schedule_free(device):
+    model = _model(device)
+    opt = AdamWMiniSF(model.parameters(), schedule_free=False)
+    _train(model, opt, 2)
+    before = _snapshot(model)
+    opt.eval()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    _train(model, opt, 1)  # still allowed
+
+
+def test_closure_loss_is_returned(device):
+    model = _model(device)
+    opt = AdamWMiniSF(model.parameters())
+    x = torch.randn(8, 16, device=device)
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor) and loss.dim() == 0
+
+
+def test_named_parameters_and_groups_are_accepted(device):
+    model = _model(device)
+    opt = AdamWMiniSF(model.named_parameters(), lr=1e-3)
+    assert opt.param_groups[0]["param_names"] == [n for n, _ in model.named_parameters()]
+    _train(model, opt, 2)
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["param_names"][0] == "0.weight"
+
+    decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    no_decay = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    opt = AdamWMiniSF([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "lr": 1e-2}], lr=1e-3)
+    assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[0]["lr"] == 1e-3
+    assert opt.param_groups[1]["weight_decay"] == 0.0 and opt.param_groups[1]["lr"] == 1e-2
+    _train(model, opt, 2)
+
+
+def test_low_precision_parameters_are_updated_with_fp32_state(device):
+    model = _model(device, torch.bfloat16)
+    opt = AdamWMiniSF(model.parameters(), lr=1e-2)
+    before = _snapshot(model)
+    _train(model, opt, 3)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert all(s["z"].dtype == torch.float32 and s["exp_avg_sq"].dtype == torch.float32 for s in opt.state.values())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_stats_are_mirrored_into_param_groups(device):
+    model = _model(device)
+    opt = AdamWMiniSF(model.parameters(), lr=1e-2, warmup_steps=10)
+    _train(model, opt, 4)
+    stats = opt.stats()
+    assert set(stats) == {"steps", "skipped_steps", "lr", "effective_lr"}
+    assert stats["steps"].item() == 4 and stats["skipped_steps"].item() == 0
+    assert stats["lr"].item() == pytest.approx(4e-3)
+    assert 0 < stats["effective_lr"].item() <= 4e-3 + 1e-9
+    assert opt.param_groups[0]["stats"]["steps"].item() == 4
+
+
+# ------------------------------------------------------------------ state_dict
+
+@pytest.mark.parametrize("schedule_free", [True, False])
+def test_state_dict_round_trip_continues_the_same_trajectory(device, schedule_free):
+    model = _model(device)
+    opt = AdamWMiniSF(model.parameters(), lr=1e-2, warmup_steps=2, weight_decay=0.01, schedule_free=schedule_free)
+    _train(model, opt, 3)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    _train(model, opt, 3, seed=7)
+
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    resumed = _model(device)
+    resumed.load_state_dict(saved["model"])
+    opt2 = AdamWMiniSF(resumed.parameters(), lr=1.0)  # hyperparameters come from the state_dict
+    opt2.load_state_dict(saved["opt"])
+    assert opt2.param_groups[0]["lr"] == 1e-2
+    _train(resumed, opt2, 3, seed=7)
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(opt.stats()["steps"], opt2.stats()["steps"])
+
+
+def test_mode_is_saved_in_the_state_dict(device):
+    model = _model(device)
+    opt = AdamWMiniSF(model.parameters())
+    _train(model, opt, 2)
+    opt.eval()
+    opt2 = AdamWMiniSF(model.parameters())
+    opt2.load_state_dict(opt.state_dict())
+    assert opt2.param_groups[0]["train_mode"] is False
+    with pytest.raises(RuntimeError, match="eval mode"):
+        _train(model, opt2, 1)
+
+
+def test_state_keeps_its_dtype_when_loaded(device):
+    model = _model(device, torch.bfloat16)
+    opt = AdamWMiniSF(model.parameters())
+    _train(model, opt, 2)
+    opt2 = AdamWMiniSF(model.parameters())
+    opt2.load_state_dict(opt.state_dict())
+    assert all(s["z"].dtype == torch.float32 for s in opt2.state.values())
+
+
+def _loaded_state_unchanged(opt, bad, error, match):
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(error, match=match):
+        opt.load_state_dict(bad)
+    after = opt.state_dict()
+    assert before["param_groups"] == [
+        {**g, "stats": before["param_groups"][i]["stats"]} for i, g in enumerate(after["param_groups"])
+    ]
+    for key, state in before["state"].items():
+        for name, tensor in state.items():
+            assert torch.equal(tensor, after["state"][key][name])
+
+
+def test_loading_another_optimizers_state_dict_fails_cleanly(device):
+    model = _model(device)
+    opt = AdamWMiniSF(model.parameters())
+    _train(model, opt, 2)
+    adamw = torch.optim.AdamW(model.parameters())
+    _train(model, adamw, 1)
+    _loaded_state_unchanged(opt, adamw.state_dict(), ValueError, "does not come from AdamWMiniSF")
+
+
+def test_loading_mismatched_groups_fails_cleanly(device):
+    model = _model(device)
+    params = list(model.parameters())
+    opt = AdamWMiniSF([{"params": params[:2]}, {"params": params[2:]}])
+    _train(model, opt, 2)
+    one_group = AdamWMiniSF(model.parameters())
+    _loaded_state_unchanged(opt, one_group.state_dict(), ValueError, "param groups")
+    swapped = AdamWMiniSF([{"params": params[:1]}, {"params": params[1:]}])
+    _loaded_state_unchanged(opt, swapped.state_dict(), ValueError, "parameters")
+
+
+def test_loading_malformed_state_fails_cleanly(device):
+    model = _model(device)
+    opt = AdamWMiniSF(model.parameters())
+    _train(model, opt, 2)
+    bad = copy.deepcopy(opt.state_dict())
+    bad["state"][0]["z"] = bad["state"][0]["z"][:3]
+    _loaded_state_unchanged(opt, bad, ValueError, "shape")
+    bad = copy.deepcopy(opt.state_dict())
+    del bad["state"][1]["exp_avg_sq"]
+    _loaded_state_unchanged(opt, bad, ValueError, "keys")
+    bad = copy.deepcopy(opt.state_dict())
+    bad["param_groups"][0]["lr"] = -1.0
+    _loaded_state_unchanged(opt, bad, ValueError, "lr")
+    _loaded_state_unchanged(opt, {"state": {}}, ValueError, "param_groups")
+    _loaded_state_unchanged(opt, [1, 2], TypeError, "mapping")
+    bad = copy.deepcopy(opt.state_dict())
+    bad["state"][0]["exp_avg"] = bad["state"][0].pop("z")  # momentum state under a Schedule-Free group
+    _loaded_state_unchanged(opt, bad, ValueError, "keys")
+    bad = copy.deepcopy(opt.state_dict())
+    bad["state"][0]["step"] = 3
+    _loaded_state_unchanged(opt, bad, TypeError, "not a tensor")
+
+
+# -------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(lr=-1e-3), ValueError, "lr"),
+        (dict(lr="0.1"), TypeError, "lr"),
+        (dict(eps=-1e-8), ValueError, "eps"),
+        (dict(eps=0.0), ValueError, "eps"),
+        (dict(weight_decay=-0.1), ValueError, "weight_decay"),
+        (dict(betas=(1.0, 0.999)), ValueError, r"betas\[0\]"),
+        (dict(betas=(0.9, -0.1)), ValueError, r"betas\[1\]"),
+        (dict(betas=(0.9, 1.5)), ValueError, r"betas\[1\]"),
+        (dict(betas=(0.9,)), TypeError, "betas"),
+        (dict(betas=(0.0, 0.999)), ValueError, "betas.*schedule_free"),
+        (dict(min_lr=1e-2, max_lr=1e-3), ValueError, "min_lr"),
+        (dict(min_lr=-1.0), ValueError, "min_lr"),
+        (dict(state_dtype="fp8"), ValueError, "state_dtype"),
+        (dict(state_dtype=3), TypeError, "state_dtype"),
+        (dict(state_dtype="bf16"), NotImplementedError, "state_dtype"),
+        (dict(warmup_steps=-1), ValueError, "warmup_steps"),
+        (dict(warmup_steps=1.5), ValueError, "warmup_steps"),
+        (dict(schedulefree_alpha=0.0), ValueError, "schedulefree_alpha"),
+        (dict(schedulefree_alpha=1.5), ValueError, "schedulefree_alpha"),
+        (dict(block_rows=0), ValueError, "block_rows"),
+        (dict(block_rows=3), ValueError, "does not divide"),
+        (dict(mini="yes"), TypeError, "mini"),
+        (dict(auto_lr=1), TypeError, "auto_lr"),
+        (dict(foreach="no"), TypeError, "foreach"),
+        (dict(seed=1.0), TypeError, "seed"),
+        (dict(lr=float("nan")), ValueError, "lr"),
+    ],
+)
+def test_bad_arguments_name_themselves(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        AdamWMiniSF(_model().parameters(), **kwargs)
+
+
+def test_betas_zero_is_fine_without_schedule_free():
+    AdamWMiniSF(_model().parameters(), betas=(0.0, 0.999), schedule_free=False)
+
+
+def test_a_bad_param_group_is_rejected_and_not_added():
+    model = _model()
+    opt = AdamWMiniSF(list(model.parameters())[:2])
+    with pytest.raises(ValueError, match="lr"):
+        opt.add_param_group({"params": list(model.parameters())[2:], "lr": -1.0})
+    assert len(opt.param_groups) == 1
+
+
+def test_duplicate_parameters_are_rejected():
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match="duplicate"):
+        AdamWMiniSF([p, p])
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        AdamWMiniSF([{"params": [p]}, {"params": [p]}])
+
+
+def test_complex_and_integer_parameters_are_rejected():
+    with pytest.raises(TypeError, match="complex"):
+        AdamWMiniSF([torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))])
+    with pytest.raises(TypeError, match="floating point"):
+        AdamWMiniSF([torch.zeros(3, dtype=torch.int64)])
+
+
+def test_empty_and_single_tensor_params_are_rejected():
+    with pytest.raises(ValueError, match="empty"):
+        AdamWMiniSF([])
+    with pytest.raises(TypeError):
+        AdamWMiniSF(torch.nn.Parameter(torch.randn(3)))
+
+
+def test_sparse_gradients_are_rejected(device):
+    emb = torch.nn.Embedding(10, 4, sparse=True).to(device)
+    opt = AdamWMiniSF(emb.parameters())
+    emb(torch.tensor([1, 2], device=device)).sum().backward()
+    with pytest.raises(TypeError, match="sparse"):
+        opt.step()
+
+
+def test_changing_the_block_layout_after_the_first_step_is_an_error():
+    model = _model()
+    opt = AdamWMiniSF(model.parameters())
+    _train(model, opt, 1)
+    opt.param_groups[0]["mini"] = False
+    with pytest.raises(ValueError, match="cannot change after the first step"):
+        _train(model, opt, 1)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_gradients_are_left_untouched(device, foreach):
+    model = _model(device)
+    opt = AdamWMiniSF(model.parameters(), foreach=foreach)
+    model(torch.randn(4, 16, device=device)).sum().backward()
+    model[0].weight.grad[0, 0] = float("nan")
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt.step()
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=0, equal_nan=True)
+    model[0].weight.grad[0, 0] = 1.0
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt.step()
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
