@@ -38,7 +38,7 @@ def test_step_never_syncs(device, foreach, schedule_free, cls):
     model = torch.nn.Sequential(torch.nn.Linear(8, 512), torch.nn.ReLU(), torch.nn.Linear(512, 3)).to(device)
     opt = cls(
         [{"params": model[0].parameters(), "lr": torch.tensor(1e-2)}, {"params": model[2].parameters()}],
-        foreach=foreach, schedule_free=schedule_free, warmup_steps=2,
+        foreach=foreach, schedule_free=schedule_free, warmup_steps=2, auto_lr=True,
     )
     x = torch.randn(16, 8, device=device)
     for step in range(4):

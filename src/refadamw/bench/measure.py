@@ -1,0 +1,58 @@
+"""Measurements shared by the demo and benchmarks: state size and step time."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def state_bytes_per_param(optimizer: torch.optim.Optimizer) -> float:
+    """Bytes of optimizer state tensors per parameter element (all groups)."""
+    n_params = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    n_bytes = sum(
+        t.numel() * t.element_size()
+        for state in optimizer.state.values()
+        for t in state.values()
+        if isinstance(t, torch.Tensor)
+    )
+    return n_bytes / n_params
+
+
+def linear_stack(layers: int, width: int, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
+
+
+def step_times(
+    makers: dict[str, Callable], layers: int = 4, width: int = 512, rounds: int = 15, steps_per_round: int = 5
+) -> dict[str, dict[str, float]]:
+    """Median ``step()`` seconds per optimizer, interleaved round by round so drift hits all alike.
+
+    Gradients are fixed random tensors; only ``optimizer.step()`` is timed.
+    Returns ``{name: {"median_s", "state_bytes_per_param", "params"}}``.
+    """
+    setups = {}
+    for name, make in makers.items():
+        model = linear_stack(layers, width)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * 1e-2
+        opt = make(model.parameters())
+        for _ in range(3):
+            opt.step()
+        setups[name] = opt
+    samples: dict[str, list[float]] = {name: [] for name in makers}
+    for _ in range(rounds):
+        for name, opt in setups.items():
+            start = time.perf_counter()
+            for _ in range(steps_per_round):
+                opt.step()
+            samples[name].append((time.perf_counter() - start) / steps_per_round)
+    n_params = layers * (width * width + width)
+    return {
+        name: {"median_s": statistics.median(samples[name]), "params": n_params,
+               "state_bytes_per_param": state_bytes_per_param(setups[name])}
+        for name in makers
+    }
