@@ -345,3 +345,13 @@ def test_gradients_are_left_untouched(device, foreach):
     grads = [p.grad.clone() for p in model.parameters()]
     opt.step()
     assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+
+
+def test_an_empty_param_group_is_allowed(device):
+    model = _model(device)
+    opt = AdamWMiniSF([{"params": model.parameters()}, {"params": [], "weight_decay": 0.0}])
+    _train(model, opt, 2)
+    opt.eval()
+    opt.train()
+    opt.load_state_dict(opt.state_dict())
+    assert opt.stats()["steps"].item() == 2

@@ -169,10 +169,7 @@ class AdamWMiniSF(torch.optim.Optimizer):
             tensors = [p[1] if isinstance(p, tuple) else p for p in params]
             if len({id(t) for t in tensors}) != len(tensors):
                 raise ValueError("params contains duplicate parameters; each tensor may appear only once")
-        before = len(self.param_groups)
         super().add_param_group(param_group)
-        if len(self.param_groups) == before:  # torch rejected it without raising
-            return
         group = self.param_groups[-1]
         try:
             self._validate_group(group)
@@ -180,7 +177,9 @@ class AdamWMiniSF(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
         group.setdefault("train_mode", True)
-        group.setdefault("stats", self._new_stats(group["params"][0].device))
+        # An empty group (e.g. a no-decay group of a model without biases) never steps.
+        device = group["params"][0].device if group["params"] else torch.device("cpu")
+        group.setdefault("stats", self._new_stats(device))
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         _validate_hyperparameters(group)

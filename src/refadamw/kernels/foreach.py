@@ -33,7 +33,7 @@ def multi_tensor_update(
 
     grads = [g.to(compute_dtype(p.dtype)) for p, g in zip(params, grads)]
     norms: list[torch.Tensor] = [None] * len(params)  # type: ignore[list-item]
-    for (_, _), idx in buckets.items():
+    for idx in buckets.values():
         for i, n in zip(idx, torch._foreach_norm([grads[i] for i in idx])):
             norms[i] = n
     keep = all_finite(norms)
@@ -59,8 +59,11 @@ def _stacked(states, key):
     return torch.stack([s[key] for s in states])
 
 
-def _store_scalars(states, key, values: torch.Tensor) -> None:
-    torch._foreach_copy_([s[key] for s in states], list(values.unbind()))
+def _commit_scalars(states, new: dict[str, torch.Tensor], old: dict[str, torch.Tensor], keep) -> None:
+    """Write per-tensor scalars back, keeping the old values on a skipped step."""
+    for key, values in new.items():
+        kept = torch.where(keep, values, old[key])
+        torch._foreach_copy_([s[key] for s in states], list(kept.unbind()))
 
 
 def _update_bucket(params, grads, norm, states, layouts, h: Hyper, keep, dtype):
@@ -68,10 +71,12 @@ def _update_bucket(params, grads, norm, states, layouts, h: Hyper, keep, dtype):
     keep_f = keep.to(dtype)
     zero = torch.zeros((), dtype=dtype, device=keep.device)
 
-    step = _stacked(states, "step") + keep_f
+    scalar_keys = ("step", "grad_norm_ema") + (("lr_max", "weight_sum") if h.schedule_free else ())
+    old = {key: _stacked(states, key) for key in scalar_keys}
+    new = {"step": old["step"] + keep_f}
+    step = new["step"]
     lr_t = h.lr * warmup_factor(step, h.warmup_steps)
-    old_ema = _stacked(states, "grad_norm_ema")
-    ema = update_norm_ema(old_ema, norm, step == 1, h.norm_ema_alpha)
+    ema = new["grad_norm_ema"] = update_norm_ema(old["grad_norm_ema"], norm, step == 1, h.norm_ema_alpha)
     eta = step_size(lr_t, ema, norm, h.min_lr, h.max_lr) if h.auto_lr else lr_t
     eta = torch.where(keep, eta, zero)
     grads = finite_grads(grads)
@@ -103,7 +108,7 @@ def _update_bucket(params, grads, norm, states, layouts, h: Hyper, keep, dtype):
         torch._foreach_add_(ds, blocked_ys, alpha=h.weight_decay)
 
     if h.schedule_free:
-        c, lr_max, weight_sum = averaging_weight(lr_t, _stacked(states, "lr_max"), _stacked(states, "weight_sum"))
+        c, new["lr_max"], new["weight_sum"] = averaging_weight(lr_t, old["lr_max"], old["weight_sum"])
         c = torch.where(keep, c, zero)
         zs = [working_copy(s["z"], dtype) for s in states]
         blocked_zs = [lay.blocked(z) for lay, z in zip(layouts, zs)]
@@ -112,8 +117,6 @@ def _update_bucket(params, grads, norm, states, layouts, h: Hyper, keep, dtype):
         torch._foreach_addcmul_(blocked_zs, ds, list((-eta).unbind()))
         for s, z in zip(states, zs):
             store(s["z"], z)
-        _store_scalars(states, "lr_max", torch.where(keep, lr_max, _stacked(states, "lr_max")))
-        _store_scalars(states, "weight_sum", torch.where(keep, weight_sum, _stacked(states, "weight_sum")))
     else:
         torch._foreach_addcmul_(blocked_ys, ds, list((-eta).unbind()))
         for s, m in zip(states, ms):
@@ -123,6 +126,5 @@ def _update_bucket(params, grads, norm, states, layouts, h: Hyper, keep, dtype):
         store(p, y)
     for s, v in zip(states, vs):
         store(s["exp_avg_sq"], v)
-    _store_scalars(states, "grad_norm_ema", torch.where(keep, ema, old_ema))
-    _store_scalars(states, "step", step)
+    _commit_scalars(states, new, old, keep)
     return lr_t, eta
