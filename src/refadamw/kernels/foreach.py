@@ -31,10 +31,9 @@ def multi_tensor_update(
     for i, p in enumerate(params):
         buckets[(p.device, compute_dtype(p.dtype))].append(i)
 
-    grads = [g.to(compute_dtype(p.dtype)) for p, g in zip(params, grads)]
     norms: list[torch.Tensor] = [None] * len(params)  # type: ignore[list-item]
-    for idx in buckets.values():
-        for i, n in zip(idx, torch._foreach_norm([grads[i] for i in idx])):
+    for (_, dtype), idx in buckets.items():
+        for i, n in zip(idx, torch._foreach_norm([grads[i] for i in idx], dtype=dtype)):
             norms[i] = n
     keep = all_finite(norms)
 
@@ -66,11 +65,29 @@ def _commit_scalars(states, new: dict[str, torch.Tensor], old: dict[str, torch.T
         torch._foreach_copy_([s[key] for s in states], list(kept.unbind()))
 
 
+CPU_CHUNK_NUMEL = 1 << 18
+"""On CPU, large-tensor work runs in chunks of about this many elements (see _update_bucket)."""
+
+
+def _chunks(params, max_numel: int | None):
+    """Consecutive index ranges whose tensors hold at most ``max_numel`` elements (one at least)."""
+    if max_numel is None:
+        yield slice(0, len(params))
+        return
+    begin, total = 0, 0
+    for i, p in enumerate(params):
+        if total and total + p.numel() > max_numel:
+            yield slice(begin, i)
+            begin, total = i, 0
+        total += p.numel()
+    yield slice(begin, len(params))
+
+
 def _update_bucket(params, grads, norm, states, layouts, h: Hyper, keep, dtype):
-    n = len(params)
     keep_f = keep.to(dtype)
     zero = torch.zeros((), dtype=dtype, device=keep.device)
 
+    # Per-tensor scalars, as one vector per bucket.
     scalar_keys = ("step", "grad_norm_ema") + (("lr_max", "weight_sum") if h.schedule_free else ())
     old = {key: _stacked(states, key) for key in scalar_keys}
     new = {"step": old["step"] + keep_f}
@@ -79,46 +96,65 @@ def _update_bucket(params, grads, norm, states, layouts, h: Hyper, keep, dtype):
     ema = new["grad_norm_ema"] = update_norm_ema(old["grad_norm_ema"], norm, step == 1, h.norm_ema_alpha)
     eta = step_size(lr_t, ema, norm, h.min_lr, h.max_lr) if h.auto_lr else lr_t
     eta = torch.where(keep, eta, zero)
-    grads = finite_grads(grads)
+    scalars = {
+        "v_weight": (1 - h.beta2) * keep_f,
+        "sqrt_bias2": (1 - h.beta2 ** step.clamp(min=1)).sqrt(),
+        "z_step": -eta,
+    }
+    if h.schedule_free:
+        c, new["lr_max"], new["weight_sum"] = averaging_weight(lr_t, old["lr_max"], old["weight_sum"])
+        c = torch.where(keep, c, zero)
+        scalars.update(c=c, y_step=y_step_coefficient(eta, c, h.beta1))
+    else:
+        scalars.update(m_weight=(1 - h.beta1) * keep_f, bias1=1 - h.beta1 ** step.clamp(min=1))
 
+    # Large tensors in chunks: on CPU every fresh full-size temporary costs
+    # page faults, and freeing many at once returns them to the OS, so keep
+    # each chunk's temporaries small enough to be reused step after step.
+    max_numel = CPU_CHUNK_NUMEL if keep.device.type == "cpu" else None
+    per_tensor = {k: list(v.unbind()) if v.dim() else [v] * len(params) for k, v in scalars.items()}
+    for part in _chunks(params, max_numel):
+        _update_tensors(params[part], grads[part], states[part], layouts[part], h, dtype,
+                        {k: v[part] for k, v in per_tensor.items()})
+
+    _commit_scalars(states, new, old, keep)
+    return lr_t, eta
+
+
+def _update_tensors(params, grads, states, layouts, h: Hyper, dtype, k: dict[str, list[torch.Tensor]]):
+    grads = finite_grads([g.to(dtype) for g in grads])
     blocked_grads = [lay.blocked(g) for lay, g in zip(layouts, grads)]
     squares = finite_squares([lay.mean_square(bg) for lay, bg in zip(layouts, blocked_grads)])
     vs = [working_copy(s["exp_avg_sq"], dtype) for s in states]
-    torch._foreach_lerp_(vs, squares, [(1 - h.beta2) * keep_f] * n)
-    sqrt_bias2 = (1 - h.beta2 ** step.clamp(min=1)).sqrt()
+    torch._foreach_lerp_(vs, squares, k["v_weight"])
     denoms = torch._foreach_sqrt(vs)
-    torch._foreach_div_(denoms, list(sqrt_bias2.unbind()))
+    torch._foreach_div_(denoms, k["sqrt_bias2"])
     torch._foreach_add_(denoms, h.eps)
     denoms = [lay.broadcastable(dn, p.dim()) for lay, dn, p in zip(layouts, denoms, params)]
 
     ys = [working_copy(p, dtype) for p in params]
     blocked_ys = [lay.blocked(y) for lay, y in zip(layouts, ys)]
     if h.schedule_free:
-        # The finite gradients are our own copies: divide in place rather than
-        # allocate (fresh large buffers cost page faults on every step on CPU).
-        ds = blocked_grads
+        ds = blocked_grads  # our own finite copies: divide in place, no new buffer
         torch._foreach_div_(ds, denoms)
     else:
         ms = [working_copy(s["exp_avg"], dtype) for s in states]
-        torch._foreach_lerp_(ms, grads, [(1 - h.beta1) * keep_f] * n)
-        bias1 = 1 - h.beta1 ** step.clamp(min=1)
-        ds = torch._foreach_div([lay.blocked(m) for lay, m in zip(layouts, ms)], list(bias1.unbind()))
+        torch._foreach_lerp_(ms, grads, k["m_weight"])
+        ds = torch._foreach_div([lay.blocked(m) for lay, m in zip(layouts, ms)], k["bias1"])
         torch._foreach_div_(ds, denoms)
     if h.weight_decay != 0:
         torch._foreach_add_(ds, blocked_ys, alpha=h.weight_decay)
 
     if h.schedule_free:
-        c, new["lr_max"], new["weight_sum"] = averaging_weight(lr_t, old["lr_max"], old["weight_sum"])
-        c = torch.where(keep, c, zero)
         zs = [working_copy(s["z"], dtype) for s in states]
         blocked_zs = [lay.blocked(z) for lay, z in zip(layouts, zs)]
-        torch._foreach_lerp_(blocked_ys, blocked_zs, list(c.unbind()))
-        torch._foreach_addcmul_(blocked_ys, ds, list(y_step_coefficient(eta, c, h.beta1).unbind()))
-        torch._foreach_addcmul_(blocked_zs, ds, list((-eta).unbind()))
+        torch._foreach_lerp_(blocked_ys, blocked_zs, k["c"])
+        torch._foreach_addcmul_(blocked_ys, ds, k["y_step"])
+        torch._foreach_addcmul_(blocked_zs, ds, k["z_step"])
         for s, z in zip(states, zs):
             store(s["z"], z)
     else:
-        torch._foreach_addcmul_(blocked_ys, ds, list((-eta).unbind()))
+        torch._foreach_addcmul_(blocked_ys, ds, k["z_step"])
         for s, m in zip(states, ms):
             store(s["exp_avg"], m)
 
@@ -126,5 +162,3 @@ def _update_bucket(params, grads, norm, states, layouts, h: Hyper, keep, dtype):
         store(p, y)
     for s, v in zip(states, vs):
         store(s["exp_avg_sq"], v)
-    _commit_scalars(states, new, old, keep)
-    return lr_t, eta
