@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from refadamw import kernels, partition
+from refadamw.kernels import foreach
 from refadamw.optimizer import AdamWMiniSF
 
 shapes = st.lists(st.integers(1, 6), min_size=0, max_size=4).map(tuple)
@@ -39,8 +40,9 @@ def _run(shape_list, dtype, options, foreach, grads):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(shape_list=st.lists(shapes, min_size=1, max_size=4), options=hyper,
        dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
-       seed=st.integers(0, 2**16), nan_step=st.sampled_from([None, 1, 2]))
-def test_foreach_matches_single_tensor(shape_list, options, dtype, seed, nan_step):
+       seed=st.integers(0, 2**16), nan_step=st.sampled_from([None, 1, 2]),
+       chunk=st.sampled_from([1, 7, 64, None]))
+def test_foreach_matches_single_tensor(shape_list, options, dtype, seed, nan_step, chunk):
     gen = torch.Generator().manual_seed(seed)
     grads = []
     for step in range(4):
@@ -51,7 +53,8 @@ def test_foreach_matches_single_tensor(shape_list, options, dtype, seed, nan_ste
             row[0][0] = float("inf")
             row[0] = row[0].reshape(shape_list[0])
         grads.append(row)
-    with mock.patch.object(partition, "SMALL_NUMEL", 4):  # let tiny tensors take the mini path too
+    # Tiny tensors take the mini path too, and the multi-tensor path is split into chunks.
+    with mock.patch.object(partition, "SMALL_NUMEL", 4), mock.patch.object(foreach, "CPU_CHUNK_NUMEL", chunk):
         a, opt_a = _run(shape_list, dtype, options, True, grads)
         b, opt_b = _run(shape_list, dtype, options, False, grads)
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
@@ -64,3 +67,14 @@ def test_foreach_matches_single_tensor(shape_list, options, dtype, seed, nan_ste
 
 def test_update_dispatches_to_both_paths():
     assert kernels.multi_tensor_update is not kernels.single_tensor_update
+
+
+def test_chunks_cover_every_tensor_once():
+    params = [torch.empty(n) for n in (5, 1, 9, 2, 2, 30)]
+    for limit in (1, 4, 10, 100, None):
+        parts = list(foreach._chunks(params, limit))
+        covered = [i for part in parts for i in range(len(params))[part]]
+        assert covered == list(range(len(params)))
+        for part in parts:
+            chunk = params[part]
+            assert len(chunk) == 1 or limit is None or sum(p.numel() for p in chunk) <= limit
