@@ -32,3 +32,15 @@ def test_bad_arguments_exit_with_usage():
 def test_module_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "refadamw", "--help"], capture_output=True, text=True, check=True)
     assert "demo" in out.stdout
+
+
+def test_readme_block_is_rewritten(tmp_path):
+    from refadamw.bench.demo import update_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- demo:start -->\nold\n<!-- demo:end -->\noutro\n")
+    update_readme(str(readme), "| new |")
+    assert readme.read_text() == "intro\n<!-- demo:start -->\n| new |\n<!-- demo:end -->\noutro\n"
+    readme.write_text("no markers")
+    with pytest.raises(ValueError, match="demo:start"):
+        update_readme(str(readme), "| new |")

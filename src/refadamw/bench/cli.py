@@ -13,6 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--steps", type=int, default=300, help="training steps per run (default 300)")
     demo.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
     demo.add_argument("--out", default=None, help="folder for demo.json and demo.md")
+    demo.add_argument("--readme", default=None, help="rewrite the results block of this README")
     demo.add_argument("--sweep", action="store_true", help="run the defaults sweep instead (a few minutes)")
     args = parser.parse_args(argv)
     if args.steps < 1:
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from . import demo as demo_module
 
-    demo_module.run(steps=args.steps, seeds=tuple(range(args.seeds)), out=args.out)
+    demo_module.run(steps=args.steps, seeds=tuple(range(args.seeds)), out=args.out, readme=args.readme)
     return 0
 
 

@@ -51,7 +51,20 @@ def _train_mode(opt):
     return opt
 
 
-def run(steps: int = 300, seeds: tuple[int, ...] = SEEDS, out: str | None = None) -> dict:
+README_START, README_END = "<!-- demo:start -->", "<!-- demo:end -->"
+
+
+def update_readme(path: str, table: str) -> None:
+    """Replace the block between the demo markers in ``path`` with ``table``."""
+    text = Path(path).read_text()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{path} has no {README_START} ... {README_END} block to update")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    Path(path).write_text(f"{head}{README_START}\n{table.strip()}\n{README_END}{tail}")
+
+
+def run(steps: int = 300, seeds: tuple[int, ...] = SEEDS, out: str | None = None, readme: str | None = None) -> dict:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     print(f"digits MLP, {steps} steps: final validation loss, mean over seeds {list(seeds)}, best lr of {LR_GRID}")
     quality = []
@@ -91,6 +104,9 @@ def run(steps: int = 300, seeds: tuple[int, ...] = SEEDS, out: str | None = None
         (Path(out) / "demo.json").write_text(json.dumps(result, indent=2))
         (Path(out) / "demo.md").write_text(markdown(result))
         print(f"wrote {Path(out) / 'demo.json'} and demo.md")
+    if readme:
+        update_readme(readme, markdown(result))
+        print(f"updated the results tables in {readme}")
     return result
 
 
