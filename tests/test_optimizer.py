@@ -355,3 +355,41 @@ def test_an_empty_param_group_is_allowed(device):
     opt.train()
     opt.load_state_dict(opt.state_dict())
     assert opt.stats()["steps"].item() == 2
+
+
+@pytest.mark.parametrize("cls_name", ["AdamWMiniSF", "RefAdamWMiniSF"])
+def test_step_hooks_run_once_per_step(cls_name):
+    import refadamw
+
+    AdamWMiniSF([torch.nn.Parameter(torch.randn(2))])  # hooks the base class's step() too
+    model = _model()
+    opt = getattr(refadamw, cls_name)(model.parameters())
+    calls = []
+    opt.register_step_pre_hook(lambda *args: calls.append("pre"))
+    opt.register_step_post_hook(lambda *args: calls.append("post"))
+    _train(model, opt, 2)
+    assert calls == ["pre", "post", "pre", "post"]
+
+
+def test_grad_scaler_skips_inf_steps_and_unscales(device):
+    model, plain_model = _model(device), _model(device)
+    opt = AdamWMiniSF(model.parameters(), lr=1e-2)
+    plain = AdamWMiniSF(plain_model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
+    x = torch.randn(8, 16, device=device)
+    for step in range(3):
+        opt.zero_grad()
+        scaler.scale(model(x).pow(2).mean()).backward()
+        if step == 1:
+            model[0].weight.grad[0, 0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+        if step != 1:  # the same run without a scaler, and without the step the scaler skipped
+            plain.zero_grad()
+            plain_model(x).pow(2).mean().backward()
+            plain.step()
+    assert opt.stats()["steps"].item() == 2 and opt.stats()["skipped_steps"].item() == 0
+    assert scaler.get_scale() == 2.0**9
+    # scaling by a power of two and unscaling is exact, so the trajectories agree exactly
+    for a, b in zip(model.parameters(), plain_model.parameters()):
+        assert torch.equal(a, b)

@@ -267,6 +267,12 @@ class AdamWMiniSF(torch.optim.Optimizer):
         Never synchronizes with the host: every decision (hygiene skips,
         step sizes) is tensor arithmetic on the parameters' device.
         """
+        return self._step(closure)
+
+    def _step(self, closure):
+        # Subclasses call this, not super().step(): torch wraps each class's
+        # step() with the step hooks, and calling a wrapped step from another
+        # would run every hook twice.
         for group in self.param_groups:
             if group["schedule_free"] and not group["train_mode"]:
                 raise RuntimeError(
@@ -492,7 +498,7 @@ class RefAdamWMiniSF(AdamWMiniSF):
         if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)
                                       or max_steps < 1):
             raise ValueError(f"max_steps must be a positive int or None, got {max_steps!r}")
-        return super().step(closure)
+        return self._step(closure)
 
     def observe(self, loss=None, val_loss=None) -> None:
         """Feed the controller from a callback (checked, not yet used)."""
