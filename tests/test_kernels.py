@@ -65,8 +65,11 @@ def test_foreach_matches_single_tensor(shape_list, options, dtype, seed, nan_ste
         assert torch.equal(opt_a.stats()[key], opt_b.stats()[key])
 
 
-def test_update_dispatches_to_both_paths():
-    assert kernels.multi_tensor_update is not kernels.single_tensor_update
+def test_update_dispatches_on_foreach():
+    for foreach, name in ((True, "multi_tensor_update"), (False, "single_tensor_update")):
+        with mock.patch.object(kernels, name, return_value="sentinel") as impl:
+            assert kernels.update([], [], [], [], None, foreach=foreach) == "sentinel"
+            impl.assert_called_once()
 
 
 def test_chunks_cover_every_tensor_once():
@@ -78,3 +81,15 @@ def test_chunks_cover_every_tensor_once():
         for part in parts:
             chunk = params[part]
             assert len(chunk) == 1 or limit is None or sum(p.numel() for p in chunk) <= limit
+
+
+def test_optimizer_uses_the_path_its_group_asks_for():
+    params = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))]
+    for p in params:
+        p.grad = torch.ones(3)
+    opt = AdamWMiniSF([{"params": params[:1], "foreach": False}, {"params": params[1:]}])
+    with mock.patch.object(kernels, "single_tensor_update", wraps=kernels.single_tensor_update) as single, \
+            mock.patch.object(kernels, "multi_tensor_update", wraps=kernels.multi_tensor_update) as multi:
+        opt.step()
+    assert single.call_count == 1 and multi.call_count == 1
+    assert single.call_args.args[0][0] is params[0] and multi.call_args.args[0][0] is params[1]
