@@ -14,9 +14,9 @@ def test_trains_digits_as_well_as_adamw():
     steps, lr = 300, 1e-2
     ours = digits.train(lambda p: AdamWMiniSF(p, lr=lr), steps=steps)
     adamw = digits.train(lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=0.0), steps=steps)
-    # Measured at these settings: ours 0.068 / 97.6%, AdamW 0.049 / 98.2%.
+    # Measured at these settings (seed 0): ours 0.052 / 98.2%, AdamW 0.092 / 97.8%.
     assert ours["accuracy"] >= 0.96
-    assert ours["val_loss"] <= 1.6 * adamw["val_loss"]
+    assert ours["val_loss"] <= 1.25 * adamw["val_loss"]
     assert ours["accuracy"] >= adamw["accuracy"] - 0.02
 
 
