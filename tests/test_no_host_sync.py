@@ -33,12 +33,13 @@ def test_the_guard_itself_catches_a_sync():
 
 @pytest.mark.parametrize("foreach", [True, False])
 @pytest.mark.parametrize("schedule_free", [True, False])
+@pytest.mark.parametrize("state_dtype", ["auto", "bf16", "fp16"])
 @pytest.mark.parametrize("cls", [AdamWMiniSF, RefAdamWMiniSF])
-def test_step_never_syncs(device, foreach, schedule_free, cls):
+def test_step_never_syncs(device, foreach, schedule_free, state_dtype, cls):
     model = torch.nn.Sequential(torch.nn.Linear(8, 512), torch.nn.ReLU(), torch.nn.Linear(512, 3)).to(device)
     opt = cls(
         [{"params": model[0].parameters(), "lr": torch.tensor(1e-2)}, {"params": model[2].parameters()}],
-        foreach=foreach, schedule_free=schedule_free, warmup_steps=2, auto_lr=True,
+        foreach=foreach, schedule_free=schedule_free, warmup_steps=2, auto_lr=True, state_dtype=state_dtype,
     )
     x = torch.randn(16, 8, device=device)
     for step in range(4):
@@ -53,3 +54,6 @@ def test_step_never_syncs(device, foreach, schedule_free, cls):
             else:
                 opt.step()
     assert opt.stats()["skipped_steps"].item() == 1
+    with host_syncs_forbidden():  # the mode switch rounds stochastically too
+        opt.eval()
+        opt.train()

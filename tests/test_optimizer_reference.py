@@ -40,7 +40,7 @@ def _grad_for(step: int, group: int, index: int, shape, gen) -> torch.Tensor | N
     return torch.randn(shape, generator=gen, dtype=torch.float64) * scale
 
 
-def run_against_reference(device, dtype, foreach, schedule_free, groups, nan_step=None):
+def run_against_reference(device, dtype, foreach, schedule_free, groups, nan_step=None, state_dtype="auto"):
     gen = torch.Generator().manual_seed(1)
     ours_groups, spec_groups, tensors = [], [], []
     for g in groups:
@@ -50,7 +50,8 @@ def run_against_reference(device, dtype, foreach, schedule_free, groups, nan_ste
         tensors.append(params)
         spec_groups.append((hp, [SpecParam(y=p.detach().to("cpu", torch.float64).clone()) for p in params]))
         ours_groups.append({"params": params, **_options(hp)})
-    opt = AdamWMiniSF(ours_groups, foreach=foreach)
+    opt = AdamWMiniSF(ours_groups, foreach=foreach, state_dtype=state_dtype)
+    tol = _tolerance(dtype, state_dtype)
 
     for step in range(1, STEPS + 1):
         for gi, (g, params, (hp, spec)) in enumerate(zip(groups, tensors, spec_groups)):
@@ -64,16 +65,24 @@ def run_against_reference(device, dtype, foreach, schedule_free, groups, nan_ste
             spec_step(spec, [None if grad is None else grad.to(dtype).to(torch.float64) for grad in grads], hp)
             assert n_live == len(g["shapes"])
         opt.step()
-        _assert_close(tensors, spec_groups, dtype, lambda sp: sp.y, f"y after step {step}")
+        _assert_close(tensors, spec_groups, tol, lambda sp: sp.y, f"y after step {step}")
 
     if schedule_free:
         opt.eval()
-        _assert_close(tensors, spec_groups, dtype, lambda sp: sp.y if sp.x is None else sp.x, "x after eval()")
+        _assert_close(tensors, spec_groups, tol, lambda sp: sp.y if sp.x is None else sp.x, "x after eval()")
     return opt, tensors
 
 
-def _assert_close(tensors, spec_groups, dtype, pick, what):
-    tol = dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+def _tolerance(dtype, state_dtype) -> dict:
+    if state_dtype in ("bf16", "fp16"):
+        # z (or m) is rounded to 8 (11) significant bits each step; the rounding
+        # is unbiased, so the error stays within a few ulps of the state.
+        ulp = 2.0**-8 if state_dtype == "bf16" else 2.0**-11
+        return dict(rtol=4 * ulp, atol=4 * ulp)
+    return dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+
+
+def _assert_close(tensors, spec_groups, tol, pick, what):
     for params, (_, spec) in zip(tensors, spec_groups):
         for i, (p, sp) in enumerate(zip(params, spec)):
             torch.testing.assert_close(p.detach().cpu().to(torch.float64), pick(sp), **tol,
@@ -85,6 +94,14 @@ def _assert_close(tensors, spec_groups, dtype, pick, what):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_matches_spec_reference(device, dtype, foreach, schedule_free):
     run_against_reference(device, dtype, foreach, schedule_free, [GROUP_A, GROUP_B, GROUP_C])
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "single"])
+@pytest.mark.parametrize("schedule_free", [True, False], ids=["sf", "momentum"])
+@pytest.mark.parametrize("state_dtype", ["bf16", "fp16"])
+def test_low_precision_state_matches_spec_reference(device, state_dtype, foreach, schedule_free):
+    run_against_reference(device, torch.float32, foreach, schedule_free, [GROUP_A, GROUP_B, GROUP_C],
+                          state_dtype=state_dtype)
 
 
 @pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "single"])

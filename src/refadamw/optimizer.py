@@ -18,7 +18,8 @@ import torch
 from . import kernels
 from .averaging import x_to_y, y_to_x
 from .partition import block_layout
-from .precision import AUTO, compute_dtype, parse_state_dtype, write_back
+from .precision import (AUTO, Salt, compute_dtype, parse_state_dtype, resolve_state_dtype, rounding_keys,
+                        second_moment_dtype, tensor_key, write_back)
 
 logger = logging.getLogger("refadamw")
 
@@ -77,12 +78,7 @@ def _validate_hyperparameters(g: Mapping[str, Any]) -> None:
     rows = g["block_rows"]
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
         raise ValueError(f"block_rows must be an int >= 1, got {rows!r}")
-    dtype = parse_state_dtype(g["state_dtype"])
-    if dtype not in (AUTO, torch.float32):
-        raise NotImplementedError(
-            f"state_dtype={g['state_dtype']!r}: bf16/fp16 optimizer state (with stochastic rounding) "
-            "is not implemented in this release; use 'auto' or 'fp32'"
-        )
+    parse_state_dtype(g["state_dtype"])
     if g["foreach"] is not None:
         _check_bool("foreach", g["foreach"])
 
@@ -120,10 +116,14 @@ class AdamWMiniSF(torch.optim.Optimizer):
         mini: block-wise second moment; ``False`` for per-element ``v``.
         block_rows: dim-0 slices per second-moment block (e.g. rows per head).
         schedule_free: ``False`` gives AdamW-mini with momentum, for ablations.
-        state_dtype: storage dtype of the optimizer state; ``"auto"`` or fp32
-            in this release.
+        state_dtype: storage dtype of ``z`` (or the momentum): ``"auto"``,
+            ``"fp32"``, ``"bf16"``, ``"fp16"`` or a ``torch.dtype``. ``v`` is
+            stored in the same dtype, except that it is never fp16. Writes into
+            bf16/fp16 (state or parameters) are stochastically rounded.
         foreach: use the multi-tensor path (default) or the per-tensor one.
-        seed: seed for stochastic rounding of low-precision storage.
+        seed: seed of the stochastic-rounding noise (a counter-based hash, so
+            a resumed run replays the same noise; the per-tensor key lives in
+            the state).
     """
 
     def __init__(
@@ -196,18 +196,14 @@ class AdamWMiniSF(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------- state
 
-    @staticmethod
-    def _storage_dtype(group: Mapping[str, Any], param: torch.Tensor) -> torch.dtype:
-        dtype = parse_state_dtype(group["state_dtype"])
-        return compute_dtype(param.dtype) if dtype == AUTO else dtype
-
     def _expected_state(self, group: Mapping[str, Any], param: torch.Tensor) -> dict[str, tuple]:
         """State key → (shape, dtype) that a parameter of ``group`` carries."""
         scalar = ((), compute_dtype(param.dtype))
-        storage = self._storage_dtype(group, param)
+        storage = resolve_state_dtype(group["state_dtype"], param.dtype)
         layout = block_layout(param.shape, group["mini"], group["block_rows"])
         expected = {key: scalar for key in _SCALAR_STATE}
-        expected["exp_avg_sq"] = (layout.state_shape(param.shape), compute_dtype(storage))
+        expected["rounding_key"] = ((), torch.int32)
+        expected["exp_avg_sq"] = (layout.state_shape(param.shape), second_moment_dtype(storage))
         if group["schedule_free"]:
             expected.update({key: scalar for key in _SF_SCALAR_STATE})
             expected["z"] = (param.shape, storage)
@@ -215,18 +211,29 @@ class AdamWMiniSF(torch.optim.Optimizer):
             expected["exp_avg"] = (param.shape, storage)
         return expected
 
-    def _init_state(self, group: Mapping[str, Any], param: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _init_state(self, group: Mapping[str, Any], param: torch.Tensor, ordinal: int) -> dict[str, torch.Tensor]:
+        """Fresh state for ``param``'s first step: no buffer is zero-filled.
+
+        ``z`` starts as a copy of the parameter (Schedule-Free starts with
+        z = x = y); the moment buffers are left uninitialised because the
+        kernels compute them directly from the first gradient.
+        """
         state = {}
         for key, (shape, dtype) in self._expected_state(group, param).items():
-            if key == "z":  # Schedule-Free starts with z = x = y
+            if key == "z":
                 state[key] = param.detach().to(dtype=dtype, copy=True)
+            elif key == "rounding_key":
+                state[key] = torch.tensor(tensor_key(self.seed, ordinal), dtype=dtype, device=param.device)
+            elif key in ("exp_avg_sq", "exp_avg"):
+                state[key] = torch.empty(shape, dtype=dtype, device=param.device)
             else:
                 state[key] = torch.zeros(shape, dtype=dtype, device=param.device)
         return state
 
-    def _collect(self, group: dict[str, Any]):
-        params, grads, states, layouts = [], [], [], []
-        for p in group["params"]:
+    def _collect(self, group: dict[str, Any], first_ordinal: int):
+        """The group's params with gradients, their grads, states (created lazily), layouts, freshness."""
+        params, grads, states, layouts, fresh = [], [], [], [], []
+        for ordinal, p in enumerate(group["params"], start=first_ordinal):
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
@@ -234,8 +241,9 @@ class AdamWMiniSF(torch.optim.Optimizer):
             if p.grad.is_complex():
                 raise TypeError("complex gradients are not supported")
             state = self.state[p]
+            fresh.append(not state)
             if not state:
-                state.update(self._init_state(group, p))
+                state.update(self._init_state(group, p, ordinal))
             layout = block_layout(p.shape, group["mini"], group["block_rows"])
             if state["exp_avg_sq"].shape != layout.state_shape(p.shape):
                 raise ValueError(
@@ -247,7 +255,7 @@ class AdamWMiniSF(torch.optim.Optimizer):
             grads.append(p.grad)
             states.append(state)
             layouts.append(layout)
-        return params, grads, states, layouts
+        return params, grads, states, layouts, fresh
 
     @staticmethod
     def _hyper(group: Mapping[str, Any]) -> kernels.Hyper:
@@ -283,12 +291,15 @@ class AdamWMiniSF(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        ordinal = 0
         for group in self.param_groups:
-            params, grads, states, layouts = self._collect(group)
+            params, grads, states, layouts, fresh = self._collect(group, ordinal)
+            ordinal += len(group["params"])
             if not params:
                 continue
             foreach = True if group["foreach"] is None else group["foreach"]
-            report = kernels.update(params, grads, states, layouts, self._hyper(group), foreach=foreach)
+            report = kernels.update(params, grads, states, layouts, self._hyper(group), fresh=fresh,
+                                    foreach=foreach)
             stats = group["stats"]
             applied = report.applied.to(stats["steps"])
             stats["steps"].add_(applied)
@@ -306,12 +317,13 @@ class AdamWMiniSF(torch.optim.Optimizer):
                 continue
             beta1 = group["betas"][0]
             for p in group["params"]:
-                z = self.state.get(p, {}).get("z")
-                if z is None:
+                state = self.state.get(p, {})
+                if "z" not in state:
                     continue  # never stepped: y = x = z, nothing to convert
                 dtype = compute_dtype(p.dtype)
                 convert = x_to_y if to_train else y_to_x
-                write_back(p, convert(p.to(dtype), z.to(dtype), beta1))
+                key = rounding_keys(state["rounding_key"], state["step"], Salt.MODE_SWITCH)
+                write_back(p, convert(p.to(dtype), state["z"].to(dtype), beta1), key)
             group["train_mode"] = to_train
 
     def train(self) -> None:
@@ -432,8 +444,8 @@ class AdamWMiniSF(torch.optim.Optimizer):
                 raise ValueError(
                     f"state '{name}' of parameter {key} has shape {tuple(value.shape)}, expected {tuple(shape)}"
                 )
-            if not value.is_floating_point():
-                raise TypeError(f"state '{name}' of parameter {key} has non-float dtype {value.dtype}")
+            if value.is_floating_point() != dtype.is_floating_point:
+                raise TypeError(f"state '{name}' of parameter {key} has dtype {value.dtype}, expected {dtype}")
             out[name] = value.detach().to(device=param.device, dtype=dtype, copy=True)
         return out
 

@@ -1,17 +1,27 @@
-"""Precision: which dtype state is stored in, and which dtype the math runs in.
+"""Precision: storage dtypes, the compute dtype, and stochastic rounding.
 
 SPEC.md §3 item 7. All arithmetic runs in fp32 (fp64 for fp64 parameters)
 whatever the storage dtype. Storage dtypes are parsed from strings as well as
 ``torch.dtype`` objects, because kohya sd-scripts passes optimizer arguments
 through ``ast.literal_eval``, which cannot produce a ``torch.dtype``.
 
-Writing into bf16/fp16 storage with stochastic rounding belongs to the
-low-precision issue; until it lands, only fp32 storage (and ``"auto"``, which
-means fp32 for now) is accepted, and low-precision *parameters* are written
-back with round-to-nearest by :func:`write_back`.
+Every write of an fp32 result into bf16/fp16 storage (optimizer state and
+low-precision parameters alike) is *stochastically* rounded: a value between
+two representable neighbours ``lo < x < hi`` becomes ``hi`` with probability
+``(x − lo)/(hi − lo)``, so ``E[round(x)] = x`` and updates far below one ulp
+still accumulate instead of being rounded away (Gupta et al., "Deep Learning
+with Limited Numerical Precision", ICML 2015).
+
+The noise is a counter-based hash of (element index, step, tensor, seed, the
+buffer being written), not a draw from a stateful generator: it costs a few
+integer ops per element, and a run resumed from a checkpoint replays exactly
+the same noise with no generator state to save. The per-tensor part of the
+key is kept in the optimizer state, the step is the state's own counter.
 """
 
 from __future__ import annotations
+
+import enum
 
 import torch
 
@@ -60,16 +70,129 @@ def parse_state_dtype(value: object) -> torch.dtype | str:
     )
 
 
+def resolve_state_dtype(requested: object, param_dtype: torch.dtype) -> torch.dtype:
+    """The storage dtype of ``z`` (or the momentum) for a parameter of ``param_dtype``.
+
+    ``"auto"`` means the compute dtype (fp32; fp64 for fp64 parameters).
+    """
+    dtype = parse_state_dtype(requested)
+    return compute_dtype(param_dtype) if dtype == AUTO else dtype
+
+
+def second_moment_dtype(storage: torch.dtype) -> torch.dtype:
+    """The storage dtype of ``v``: never fp16, whose range flushes small ``g²`` to 0."""
+    return torch.float32 if storage == torch.float16 else storage
+
+
 def compute_dtype(param_dtype: torch.dtype) -> torch.dtype:
     """The dtype the update math runs in: fp64 for fp64 parameters, else fp32."""
     return torch.float64 if param_dtype == torch.float64 else torch.float32
 
 
-def write_back(dst: torch.Tensor, src: torch.Tensor) -> None:
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+class Salt(enum.IntEnum):
+    """Which buffer a write goes to, so two buffers of one tensor get independent noise."""
+
+    PARAM = 1
+    Z = 2
+    EXP_AVG = 3
+    EXP_AVG_SQ = 4
+    MODE_SWITCH = 5
+
+
+# Multipliers of the 32-bit integer hash below (C. Wellons' "lowbias32"); the
+# second does not fit a signed int32 and is written as its two's complement.
+_MIX_A = 0x7FEB352D
+_MIX_B = 0x846CA68B - (1 << 32)
+_GOLDEN = 0x9E3779B9 - (1 << 32)
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective avalanche hash on int32 tensors.
+
+    int32 multiplication wraps modulo 2³², which is what a 32-bit hash wants;
+    right shifts are arithmetic, so each one is masked to act as a logical shift.
+    """
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _MIX_A
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * _MIX_B
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+def tensor_key(seed: int, ordinal: int) -> int:
+    """The per-tensor part of the rounding key (a Python int in int32 range).
+
+    The same hash as :func:`_mix32`, on Python ints: it runs when a state is
+    created, and must not touch a device tensor's value.
+    """
+    x = (seed * 0x27D4EB2F + ordinal) & 0xFFFFFFFF
+    for shift, multiplier in ((16, _MIX_A), (15, _MIX_B)):
+        x ^= x >> shift
+        x = (x * multiplier) & 0xFFFFFFFF
+    x ^= x >> 16
+    return x - (1 << 32) if x >= 1 << 31 else x
+
+
+def rounding_keys(tensor_keys: torch.Tensor, step: torch.Tensor, salt: Salt) -> torch.Tensor:
+    """Keys for one write: a hash of each tensor's key, its step and the buffer.
+
+    ``tensor_keys`` (int32) and ``step`` (any float or int dtype) broadcast
+    together; the result is int32 on their device. No host sync.
+    """
+    counter = step.to(torch.int32) * _GOLDEN + int(salt) * _MIX_A
+    return _mix32(tensor_keys.to(torch.int32) ^ _mix32(counter))
+
+
+def random_bits(numel: int, key: torch.Tensor) -> torch.Tensor:
+    """``numel`` uniformly distributed int32 words for rounding key ``key``."""
+    index = torch.arange(numel, dtype=torch.int32, device=key.device)
+    return _mix32(index * _GOLDEN + key)
+
+
+_BF16_DROPPED = 16  # fp32 has 23 fraction bits, bf16 7
+_FP16_DROPPED = 13  # fp16 has 10
+_FP16_MIN_NORMAL = 2.0**-14
+_FP16_SUBNORMAL_ULP = 2.0**-24
+
+
+def stochastic_round(src: torch.Tensor, dtype: torch.dtype, key: torch.Tensor) -> torch.Tensor:
+    """Round fp32 ``src`` to ``dtype`` (bf16 or fp16) stochastically and without bias.
+
+    bf16 keeps the top 16 bits of an fp32 word: adding 16 random bits to the
+    word and truncating rounds the magnitude up with probability equal to the
+    dropped fraction. fp16 drops 13 bits the same way where it is normal; in its
+    subnormal range (|x| < 2⁻¹⁴) the spacing is a fixed 2⁻²⁴, so there it
+    computes ``floor(|x|/2⁻²⁴ + u)`` with a uniform ``u`` of 14 bits instead.
+    """
+    if src.dtype != torch.float32:
+        src = src.float()
+    src = src.contiguous()
+    bits = random_bits(src.numel(), key).view(src.shape)
+    words = src.view(torch.int32)
+    if dtype == torch.bfloat16:
+        mask = (1 << _BF16_DROPPED) - 1
+        return ((words + (bits & mask)) & ~mask).view(torch.float32).to(torch.bfloat16)
+    if dtype == torch.float16:
+        mask = (1 << _FP16_DROPPED) - 1
+        normal = ((words + (bits & mask)) & ~mask).view(torch.float32)
+        uniform = (bits >> _FP16_DROPPED & 0x3FFF).float() * 2.0**-14
+        subnormal = torch.floor(src.abs() / _FP16_SUBNORMAL_ULP + uniform) * _FP16_SUBNORMAL_ULP
+        return torch.where(src.abs() < _FP16_MIN_NORMAL, subnormal.copysign(src), normal).to(torch.float16)
+    raise ValueError(f"stochastic rounding targets bf16 or fp16, not {dtype}")
+
+
+def write_back(dst: torch.Tensor, src: torch.Tensor, key: torch.Tensor | None) -> None:
     """Store a result computed in ``compute_dtype`` into ``dst``'s storage.
 
-    Same-dtype writes are plain copies. Lower-precision destinations are
-    rounded to nearest by ``copy_``; stochastic rounding replaces this when
-    the low-precision issue lands.
+    Writes into bf16/fp16 from a wider dtype are stochastically rounded with
+    rounding key ``key``; all other writes are plain copies.
     """
-    dst.copy_(src)
+    if dst.dtype in LOW_PRECISION and src.dtype != dst.dtype:
+        if key is None:
+            raise ValueError("a write into bf16/fp16 storage needs a rounding key")
+        dst.copy_(stochastic_round(src, dst.dtype, key))
+    else:
+        dst.copy_(src)

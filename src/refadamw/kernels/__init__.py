@@ -31,8 +31,13 @@ def update(
     layouts: list[BlockLayout],
     hyper: Hyper,
     *,
+    fresh: list[bool] | None = None,
     foreach: bool = True,
 ) -> StepReport:
-    """Apply one step to a param group's tensors that have gradients."""
+    """Apply one step to a param group's tensors that have gradients.
+
+    ``fresh[i]`` marks a state created for this step, whose moment buffers
+    are uninitialised and get computed directly from the gradient.
+    """
     impl = multi_tensor_update if foreach else single_tensor_update
-    return impl(params, grads, states, layouts, hyper)
+    return impl(params, grads, states, layouts, hyper, [False] * len(params) if fresh is None else fresh)

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..precision import write_back
+from ..precision import LOW_PRECISION, write_back
 
 
 class Hyper(NamedTuple):
@@ -65,7 +65,15 @@ def working_copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def store(dst: torch.Tensor, work: torch.Tensor) -> None:
-    """Write a working copy back into its storage (no-op when it *is* the storage)."""
+def needs_rounding(dst: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether writing a ``dtype`` result into ``dst`` is stochastically rounded."""
+    return dst.dtype in LOW_PRECISION and dst.dtype != dtype
+
+
+def store(dst: torch.Tensor, work: torch.Tensor, key: torch.Tensor | None = None) -> None:
+    """Write a working copy back into its storage (no-op when it *is* the storage).
+
+    ``key`` is the stochastic-rounding key, needed when ``dst`` is bf16/fp16.
+    """
     if work is not dst:
-        write_back(dst, work)
+        write_back(dst, work, key)

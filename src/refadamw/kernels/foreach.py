@@ -16,8 +16,8 @@ import torch
 from ..auto_lr import step_size, update_norm_ema
 from ..averaging import averaging_weight, warmup_factor, y_step_coefficient
 from ..partition import BlockLayout
-from ..precision import compute_dtype
-from .common import Hyper, StepReport, all_finite, finite_grads, finite_squares, store, working_copy
+from ..precision import Salt, compute_dtype, rounding_keys
+from .common import Hyper, StepReport, all_finite, finite_grads, finite_squares, needs_rounding, store, working_copy
 
 
 def multi_tensor_update(
@@ -26,6 +26,7 @@ def multi_tensor_update(
     states: list[dict[str, torch.Tensor]],
     layouts: list[BlockLayout],
     hyper: Hyper,
+    fresh: list[bool],
 ) -> StepReport:
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
@@ -45,6 +46,7 @@ def multi_tensor_update(
             torch.stack([norms[i] for i in idx]),
             [states[i] for i in idx],
             [layouts[i] for i in idx],
+            [fresh[i] for i in idx],
             hyper,
             keep.to(device),
             dtype,
@@ -83,7 +85,14 @@ def _chunks(params, max_numel: int | None):
     yield slice(begin, len(params))
 
 
-def _update_bucket(params, grads, norm, states, layouts, h: Hyper, keep, dtype):
+def _rounding_keys(states, step, salt: Salt, targets, dtype) -> list[torch.Tensor | None]:
+    """Per-tensor stochastic-rounding keys for one buffer, computed only if some target is bf16/fp16."""
+    if not any(needs_rounding(t, dtype) for t in targets):
+        return [None] * len(targets)
+    return list(rounding_keys(_stacked(states, "rounding_key"), step, salt).unbind())
+
+
+def _update_bucket(params, grads, norm, states, layouts, fresh, h: Hyper, keep, dtype):
     keep_f = keep.to(dtype)
     zero = torch.zeros((), dtype=dtype, device=keep.device)
 
@@ -113,6 +122,11 @@ def _update_bucket(params, grads, norm, states, layouts, h: Hyper, keep, dtype):
     # each chunk's temporaries small enough to be reused step after step.
     max_numel = CPU_CHUNK_NUMEL if keep.device.type == "cpu" else None
     per_tensor = {k: list(v.unbind()) if v.dim() else [v] * len(params) for k, v in scalars.items()}
+    per_tensor["fresh"] = fresh
+    per_tensor["key_param"] = _rounding_keys(states, step, Salt.PARAM, params, dtype)
+    per_tensor["key_v"] = _rounding_keys(states, step, Salt.EXP_AVG_SQ, [s["exp_avg_sq"] for s in states], dtype)
+    buffer, salt = ("z", Salt.Z) if h.schedule_free else ("exp_avg", Salt.EXP_AVG)
+    per_tensor["key_buffer"] = _rounding_keys(states, step, salt, [s[buffer] for s in states], dtype)
     for part in _chunks(params, max_numel):
         _update_tensors(params[part], grads[part], states[part], layouts[part], h, dtype,
                         {k: v[part] for k, v in per_tensor.items()})
@@ -125,8 +139,7 @@ def _update_tensors(params, grads, states, layouts, h: Hyper, dtype, k: dict[str
     grads = finite_grads([g.to(dtype) for g in grads])
     blocked_grads = [lay.blocked(g) for lay, g in zip(layouts, grads)]
     squares = finite_squares([lay.mean_square(bg) for lay, bg in zip(layouts, blocked_grads)])
-    vs = [working_copy(s["exp_avg_sq"], dtype) for s in states]
-    torch._foreach_lerp_(vs, squares, k["v_weight"])
+    vs = _moment(states, "exp_avg_sq", squares, k["v_weight"], k["fresh"], dtype)
     denoms = torch._foreach_sqrt(vs)
     torch._foreach_div_(denoms, k["sqrt_bias2"])
     torch._foreach_add_(denoms, h.eps)
@@ -138,8 +151,7 @@ def _update_tensors(params, grads, states, layouts, h: Hyper, dtype, k: dict[str
         ds = blocked_grads  # our own finite copies: divide in place, no new buffer
         torch._foreach_div_(ds, denoms)
     else:
-        ms = [working_copy(s["exp_avg"], dtype) for s in states]
-        torch._foreach_lerp_(ms, grads, k["m_weight"])
+        ms = _moment(states, "exp_avg", grads, k["m_weight"], k["fresh"], dtype)
         ds = torch._foreach_div([lay.blocked(m) for lay, m in zip(layouts, ms)], k["bias1"])
         torch._foreach_div_(ds, denoms)
     if h.weight_decay != 0:
@@ -151,14 +163,33 @@ def _update_tensors(params, grads, states, layouts, h: Hyper, dtype, k: dict[str
         torch._foreach_lerp_(blocked_ys, blocked_zs, k["c"])
         torch._foreach_addcmul_(blocked_ys, ds, k["y_step"])
         torch._foreach_addcmul_(blocked_zs, ds, k["z_step"])
-        for s, z in zip(states, zs):
-            store(s["z"], z)
+        for s, z, key in zip(states, zs, k["key_buffer"]):
+            store(s["z"], z, key)
     else:
         torch._foreach_addcmul_(blocked_ys, ds, k["z_step"])
-        for s, m in zip(states, ms):
-            store(s["exp_avg"], m)
+        for s, m, key in zip(states, ms, k["key_buffer"]):
+            store(s["exp_avg"], m, key)
 
-    for p, y in zip(params, ys):
-        store(p, y)
-    for s, v in zip(states, vs):
-        store(s["exp_avg_sq"], v)
+    for p, y, key in zip(params, ys, k["key_param"]):
+        store(p, y, key)
+    for s, v, key in zip(states, vs, k["key_v"]):
+        store(s["exp_avg_sq"], v, key)
+
+
+def _moment(states, name, targets, weights, fresh, dtype) -> list[torch.Tensor]:
+    """Working copies of the EMA buffer ``name`` after ``buf ← lerp(buf, target, w)``.
+
+    A fresh state's buffer is uninitialised storage: its EMA is computed
+    directly as ``w·target`` (the lerp from zero) instead of being zero-filled first.
+    """
+    work = [None] * len(states)
+    old = [i for i, f in enumerate(fresh) if not f]
+    new = [i for i, f in enumerate(fresh) if f]
+    if old:
+        buffers = [working_copy(states[i][name], dtype) for i in old]
+        torch._foreach_lerp_(buffers, [targets[i] for i in old], [weights[i] for i in old])
+        for i, b in zip(old, buffers):
+            work[i] = b
+    for i in new:
+        work[i] = torch.mul(targets[i], weights[i])
+    return work

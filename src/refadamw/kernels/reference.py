@@ -12,7 +12,7 @@ parameter tensor holding ``y``; all math in fp32 (fp64 for fp64 params):
              (1−α)·ē + α·n          otherwise
     η      = clamp(lr_t·ē/(n + 1e-12), min_lr, max_lr)  if auto_lr  else lr_t
     s_b    = mean_{i∈b} g_i²   per block b (mini)   or   g_i²   per element
-    v      = β2·v + (1−β2)·s                                    (Adam-mini, §3.3)
+    v      = β2·v + (1−β2)·s        (v = (1−β2)·s on a fresh state) (Adam-mini, §3.3)
     denom  = sqrt(v / (1−β2^t)) + eps       broadcast over each block
 
   Schedule-Free (§3.4, Defazio et al. 2024):
@@ -22,9 +22,14 @@ parameter tensor holding ``y``; all math in fp32 (fp64 for fp64 params):
     z      ← z − η·d                                 (z starts equal to y)
 
   schedule_free=False (AdamW-mini, for ablations):
-    m      = β1·m + (1−β1)·g
+    m      = β1·m + (1−β1)·g        (m = (1−β1)·g on a fresh state)
     d      = (m/(1−β1^t))/denom + wd·y
     y      ← y − η·d
+
+  Storage (§3.7): every result above is computed in fp32 and written into
+  bf16/fp16 storage (y, z, m, v) by unbiased stochastic rounding, keyed by
+  (element, t, tensor, seed, buffer); see :mod:`refadamw.precision`. A fresh
+  state's v and m are computed directly from the first gradient (no zero fill).
 """
 
 from __future__ import annotations
@@ -34,8 +39,8 @@ import torch
 from ..auto_lr import step_size, update_norm_ema
 from ..averaging import averaging_weight, warmup_factor, y_step_coefficient
 from ..partition import BlockLayout
-from ..precision import compute_dtype
-from .common import Hyper, StepReport, all_finite, finite_grads, finite_squares, store
+from ..precision import Salt, compute_dtype, rounding_keys
+from .common import Hyper, StepReport, all_finite, finite_grads, finite_squares, needs_rounding, store
 
 
 def single_tensor_update(
@@ -44,19 +49,20 @@ def single_tensor_update(
     states: list[dict[str, torch.Tensor]],
     layouts: list[BlockLayout],
     hyper: Hyper,
+    fresh: list[bool],
 ) -> StepReport:
     grads = [g.to(compute_dtype(p.dtype)) for p, g in zip(params, grads)]
     norms = [torch.linalg.vector_norm(g) for g in grads]
     keep = all_finite(norms)
     lrs, etas = [], []
-    for param, grad, norm, state, layout in zip(params, grads, norms, states, layouts):
-        lr_t, eta = _update_one(param, grad, norm, state, layout, hyper, keep.to(param.device))
+    for param, grad, norm, state, layout, new in zip(params, grads, norms, states, layouts, fresh):
+        lr_t, eta = _update_one(param, grad, norm, state, layout, hyper, keep.to(param.device), new)
         lrs.append(lr_t.to(keep.device, torch.float32))
         etas.append(eta.to(keep.device, torch.float32))
     return StepReport(keep, torch.stack(lrs).mean(), torch.stack(etas).mean())
 
 
-def _update_one(param, grad, norm, state, layout: BlockLayout, h: Hyper, keep):
+def _update_one(param, grad, norm, state, layout: BlockLayout, h: Hyper, keep, fresh: bool):
     dtype = grad.dtype
     keep_f = keep.to(dtype)
     zero = torch.zeros((), dtype=dtype, device=grad.device)
@@ -70,7 +76,8 @@ def _update_one(param, grad, norm, state, layout: BlockLayout, h: Hyper, keep):
 
     blocked_grad = layout.blocked(grad)
     (square,) = finite_squares([layout.mean_square(blocked_grad)])
-    v = torch.lerp(state["exp_avg_sq"].to(dtype), square, (1 - h.beta2) * keep_f)
+    v_weight = (1 - h.beta2) * keep_f
+    v = square * v_weight if fresh else torch.lerp(state["exp_avg_sq"].to(dtype), square, v_weight)
     bias2 = 1 - h.beta2 ** step.clamp(min=1)
     denom = layout.broadcastable((v / bias2).sqrt() + h.eps, param.dim())
 
@@ -81,19 +88,24 @@ def _update_one(param, grad, norm, state, layout: BlockLayout, h: Hyper, keep):
         c = torch.where(keep, c, zero)
         z = state["z"].to(dtype)
         y_new = torch.lerp(y, z, c) + y_step_coefficient(eta, c, h.beta1) * d
-        store(state["z"], z - eta * d)
+        store(state["z"], z - eta * d, _key(state, step, Salt.Z, state["z"], dtype))
         state["lr_max"].copy_(torch.where(keep, lr_max, state["lr_max"]))
         state["weight_sum"].copy_(torch.where(keep, weight_sum, state["weight_sum"]))
     else:
-        m = torch.lerp(state["exp_avg"].to(dtype), grad, (1 - h.beta1) * keep_f)
+        m_weight = (1 - h.beta1) * keep_f
+        m = grad * m_weight if fresh else torch.lerp(state["exp_avg"].to(dtype), grad, m_weight)
         bias1 = 1 - h.beta1 ** step.clamp(min=1)
         m_hat = layout.blocked(m / bias1)
         d = (m_hat / denom + h.weight_decay * layout.blocked(y)).reshape(param.shape)
         y_new = y - eta * d
-        store(state["exp_avg"], m)
+        store(state["exp_avg"], m, _key(state, step, Salt.EXP_AVG, state["exp_avg"], dtype))
 
-    store(param, y_new)
-    store(state["exp_avg_sq"], v)
+    store(param, y_new, _key(state, step, Salt.PARAM, param, dtype))
+    store(state["exp_avg_sq"], v, _key(state, step, Salt.EXP_AVG_SQ, state["exp_avg_sq"], dtype))
     state["grad_norm_ema"].copy_(torch.where(keep, ema, state["grad_norm_ema"]))
     state["step"].copy_(step)
     return lr_t, eta
+
+
+def _key(state, step, salt: Salt, dst: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    return rounding_keys(state["rounding_key"], step, salt) if needs_rounding(dst, dtype) else None
