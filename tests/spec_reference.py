@@ -1,4 +1,5 @@
-"""A float64 reference of SPEC.md §3 items 1–4, written from the text.
+"""A float64 reference of SPEC.md §3 items 1–4, written from the text, with
+the Ref controller's actions of items 5–6 (λ, ρ, skip) given per step.
 
 It shares no code with the library, keeps the Schedule-Free average ``x`` as
 an explicit sequence (the library only stores ``z`` and derives ``x``), and
@@ -51,6 +52,7 @@ class SpecParam:
     lr_max: float = 0.0
     weight_sum: float = 0.0
     blocks: list[slice] | None = field(default=None)
+    y_grad: torch.Tensor | None = None  # y before this step's repair pull, where g was taken
 
 
 def _blocks(shape, hp: SpecHyper) -> list[slice] | None:
@@ -60,14 +62,27 @@ def _blocks(shape, hp: SpecHyper) -> list[slice] | None:
     return [slice(r, r + hp.block_rows) for r in range(0, shape[0], hp.block_rows)]
 
 
-def spec_step(params: list[SpecParam], grads: list[torch.Tensor | None], hp: SpecHyper) -> bool:
-    """One step of one param group. Returns False when hygiene skipped it."""
+def spec_step(params: list[SpecParam], grads: list[torch.Tensor | None], hp: SpecHyper,
+              lam: float = 0.0, pull: float = 0.0, skip: bool = False) -> bool:
+    """One step of one param group. Returns False when hygiene skipped it.
+
+    ``lam``, ``pull`` and ``skip`` are the Ref controller's decision (§3.5–6).
+    """
     live = [(p, g.to(F64)) for p, g in zip(params, grads) if g is not None]
     if not live:
         return True
     # §3.1: a non-finite gradient anywhere in the group skips the group's update.
     if not all(torch.isfinite(g).all() for _, g in live):
         return False
+    for p, _ in live:
+        p.y_grad = None
+    if hp.schedule_free:
+        for p, _ in live:
+            if p.z is not None:  # §3.6 repair: z ← z + ρ·(x − z); x stays, y follows
+                p.z = p.z + pull * (p.x - p.z)
+                p.y_grad, p.y = p.y, (1 - hp.beta1) * p.z + hp.beta1 * p.x
+    if skip:  # §3.6: the spiking gradient reaches neither v nor z
+        return True
     for p, g in live:
         if p.t == 0:  # lazy state on the first step that has a gradient
             p.blocks = _blocks(tuple(p.y.shape), hp)
@@ -101,8 +116,11 @@ def spec_step(params: list[SpecParam], grads: list[torch.Tensor | None], hp: Spe
             w = p.lr_max**2
             p.weight_sum += w
             c = w / p.weight_sum if p.weight_sum > 0 else 0.0
-            p.z = p.z - eta * (g / denom + hp.weight_decay * p.y)
+            # weight decay at the point where the gradient was taken
+            y_grad = p.y if p.y_grad is None else p.y_grad
+            p.z = p.z - eta * (g / denom + hp.weight_decay * y_grad)
             p.x = (1 - c) * p.x + c * p.z
+            p.x = (1 - lam) * p.x + lam * p.z  # §3.5 Ref injection on top of the average
             p.y = (1 - hp.beta1) * p.z + hp.beta1 * p.x
         else:
             p.m = hp.beta1 * p.m + (1 - hp.beta1) * g

@@ -16,6 +16,21 @@ Substituting the three lines into each other gives the in-place update used
 by the kernels (no ``x`` needed):
 
     y_{t+1} = (1−c_t)·y_t + c_t·z_t + η_t·(β1·(1−c_t) − 1)·d_t
+
+The Ref controller (SPEC.md §3 items 5–6) acts through two more pieces here:
+
+* injection: the average also takes a share λ of the iterate,
+  ``x ← (1−λ)·x + λ·z``, which is the same as averaging with
+  ``c_eff = c + λ·(1−c)`` (:func:`ref_weight`);
+* repair: the fast iterate is pulled back toward the average,
+  ``z ← z + ρ·(x − z)``, with ``x`` unchanged. Since ``x − z = (y − z)/β1``,
+  in terms of the stored pair this is, with ``a = ρ·(1−β1)/β1``,
+
+      y ← y + a·(y − z)                       = lerp(y, z, −a)
+      z ← z + (a+ρ)/(1+a)·(y_new − z)          = lerp(z, y_new, (a+ρ)/(1+a))
+
+  (:func:`pull_weights`): two in-place lerps with no temporary, and no
+  division that can vanish. ρ = 1 puts both y and z at x.
 """
 
 from __future__ import annotations
@@ -57,3 +72,14 @@ def y_to_x(y: torch.Tensor, z: torch.Tensor, beta1: float) -> torch.Tensor:
 def x_to_y(x: torch.Tensor, z: torch.Tensor, beta1: float) -> torch.Tensor:
     """The training point ``y = (1−β1)·z + β1·x`` from the average ``x``."""
     return torch.lerp(x, z, 1.0 - beta1)
+
+
+def ref_weight(c: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """The averaging weight with a Ref share λ of the iterate on top: ``c + λ·(1−c)``."""
+    return c + lam * (1.0 - c)
+
+
+def pull_weights(rho: torch.Tensor, beta1: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lerp weights ``(−a, (a+ρ)/(1+a))`` for ``y`` then ``z`` that pull ``z`` toward ``x`` by ρ."""
+    a = rho * ((1.0 - beta1) / beta1)
+    return -a, (a + rho) / (1.0 + a)

@@ -17,6 +17,7 @@ import torch
 
 from . import kernels
 from .averaging import x_to_y, y_to_x
+from .controller import RefController
 from .partition import block_layout
 from .precision import (AUTO, Salt, compute_dtype, parse_state_dtype, resolve_state_dtype, rounding_keys,
                         second_moment_dtype, tensor_key, write_back)
@@ -190,9 +191,11 @@ class AdamWMiniSF(torch.optim.Optimizer):
                 raise TypeError(f"parameters must be floating point, got a {p.dtype} parameter")
             block_layout(p.shape, group["mini"], group["block_rows"])  # raises on a bad block_rows
 
-    @staticmethod
-    def _new_stats(device: torch.device) -> dict[str, torch.Tensor]:
-        return {key: torch.zeros((), dtype=torch.float32, device=device) for key in _STAT_KEYS}
+    _stat_keys: tuple[str, ...] = _STAT_KEYS
+
+    @classmethod
+    def _new_stats(cls, device: torch.device) -> dict[str, torch.Tensor]:
+        return {key: torch.zeros((), dtype=torch.float32, device=device) for key in cls._stat_keys}
 
     # ------------------------------------------------------------------- state
 
@@ -277,7 +280,7 @@ class AdamWMiniSF(torch.optim.Optimizer):
         """
         return self._step(closure)
 
-    def _step(self, closure):
+    def _step(self, closure, **signals):
         # Subclasses call this, not super().step(): torch wraps each class's
         # step() with the step hooks, and calling a wrapped step from another
         # would run every hook twice.
@@ -291,14 +294,17 @@ class AdamWMiniSF(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        ordinal = 0
+        work, ordinal = [], 0
         for group in self.param_groups:
-            params, grads, states, layouts, fresh = self._collect(group, ordinal)
+            collected = self._collect(group, ordinal)
             ordinal += len(group["params"])
-            if not params:
-                continue
+            if collected[0]:
+                work.append((group, *collected))
+        norms, control = self._control(work, loss, **signals)
+        for i, (group, params, grads, states, layouts, fresh) in enumerate(work):
             foreach = True if group["foreach"] is None else group["foreach"]
             report = kernels.update(params, grads, states, layouts, self._hyper(group), fresh=fresh,
+                                    norms=None if norms is None else norms[i], control=control,
                                     foreach=foreach)
             stats = group["stats"]
             applied = report.applied.to(stats["steps"])
@@ -306,7 +312,15 @@ class AdamWMiniSF(torch.optim.Optimizer):
             stats["skipped_steps"].add_(1 - applied)
             stats["lr"].copy_(report.lr)
             stats["effective_lr"].copy_(report.effective_lr)
+        self._after_step()
         return loss
+
+    def _control(self, work, loss, **signals) -> tuple[list | None, kernels.Control | None]:
+        """Per-group gradient norms and a controller decision; none without a controller."""
+        return None, None
+
+    def _after_step(self) -> None:
+        """Called at the end of every ``step()``."""
 
     # ------------------------------------------------------------- train/eval
 
@@ -375,9 +389,13 @@ class AdamWMiniSF(torch.optim.Optimizer):
             if result is not None:
                 state_dict = result
         groups, state = self._checked_state(state_dict)
+        self._load_extra_state(state_dict)  # checks first too; raises before anything changed
         self.__setstate__({"state": state, "param_groups": groups})
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+    def _load_extra_state(self, state_dict: Mapping[str, Any]) -> None:
+        """Load what a subclass keeps beside the per-parameter state (nothing here)."""
 
     def _checked_state(self, state_dict: Mapping[str, Any]):
         name = type(self).__name__
@@ -420,11 +438,11 @@ class AdamWMiniSF(torch.optim.Optimizer):
         return new_groups, new_state
 
     def _checked_stats(self, saved: Any, current: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
-        if not isinstance(saved, Mapping) or set(saved) != set(_STAT_KEYS) or not all(
+        if not isinstance(saved, Mapping) or set(saved) != set(self._stat_keys) or not all(
             isinstance(v, torch.Tensor) and v.numel() == 1 for v in saved.values()
         ):
             raise ValueError(f"param group {index} of the state_dict has malformed 'stats'")
-        return {k: saved[k].detach().to(current[k], copy=True).reshape(()) for k in _STAT_KEYS}
+        return {k: saved[k].detach().to(current[k], copy=True).reshape(()) for k in self._stat_keys}
 
     def _checked_param_state(self, group, param, saved: Any, key: Any) -> dict[str, torch.Tensor]:
         if not isinstance(saved, Mapping):
@@ -450,6 +468,11 @@ class AdamWMiniSF(torch.optim.Optimizer):
         return out
 
 
+def _check_steps(name: str, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+
+
 def _check_signal(name: str, value: Any) -> None:
     if value is None:
         return
@@ -464,19 +487,34 @@ def _check_signal(name: str, value: Any) -> None:
 class RefAdamWMiniSF(AdamWMiniSF):
     """:class:`AdamWMiniSF` plus the Ref controller (SPEC.md §3 items 5–6).
 
-    The controller (mid-phase injection into the weight average, divergence
-    and overfit detection, self-repair) is **not implemented in this
-    release**. Its arguments are accepted and checked so scripts written for
-    the full surface run, and the optimizer behaves exactly like
-    :class:`AdamWMiniSF`; a warning says so once.
+    Each step the controller (:mod:`refadamw.controller`) reads the training
+    loss, if one is fed, or else the global gradient norm, and decides:
+
+    * **injection**: inside ``ref_window`` of ``total_steps`` the weight
+      average takes a share ``ref_alpha`` of the iterate, ``x ← (1−λ)·x + λ·z``;
+    * **repair**: while the loss (or gradient norm) diverges there is no
+      injection, the fast iterate is pulled back toward the average,
+      ``z ← z + ρ·(x − z)`` with ρ growing with the level, and at level 3 the
+      step is skipped so the spiking gradient never reaches ``v`` or ``z``;
+    * **overfit**: four rising ``val_loss`` values suspend injection until
+      the validation loss improves again.
+
+    Every decision is tensor arithmetic (no host sync), and the controller's
+    state is part of ``state_dict()``. Feed it with ``step(loss=...)``,
+    :meth:`observe`, or a closure; trainers that call plain ``step()`` still
+    get repair from the gradient-norm signal.
 
     Extra args:
-        ref_alpha: injection share λ of the current iterate into the average.
+        ref_alpha: injection share λ of the iterate into the average.
         ref_window: ``(start, end)`` fractions of ``total_steps`` where
             injection is active.
-        total_steps: planned training length ``T`` (alias ``ref_max_steps``).
-        repair: enable divergence repair.
+        total_steps: planned training length ``T`` (alias ``ref_max_steps``);
+            ``step(max_steps=...)`` sets it too. Without it there is no
+            injection (one warning says so); repair works regardless.
+        repair: act on divergence (detection and statistics run regardless).
     """
+
+    _stat_keys = _STAT_KEYS + ("lam", "divergence_level", "repairs", "skips", "flagged_steps", "overfit")
 
     def __init__(self, params, *args: Any, ref_alpha: float = 0.05, ref_window: tuple[float, float] = (0.2, 0.8),
                  total_steps: int | None = None, ref_max_steps: int | None = None, repair: bool = True,
@@ -491,32 +529,84 @@ class RefAdamWMiniSF(AdamWMiniSF):
         if total_steps is not None and ref_max_steps is not None and total_steps != ref_max_steps:
             raise ValueError(f"total_steps={total_steps} and its alias ref_max_steps={ref_max_steps} disagree")
         total_steps = total_steps if total_steps is not None else ref_max_steps
-        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int)
-                                        or total_steps < 1):
-            raise ValueError(f"total_steps must be a positive int or None, got {total_steps!r}")
+        _check_steps("total_steps", total_steps)
         _check_bool("repair", repair)
         super().__init__(params, *args, **kwargs)
-        self.ref_alpha, self.ref_window, self.total_steps, self.repair = (
-            ref_alpha, tuple(ref_window), total_steps, repair)
-        logger.warning(
-            "RefAdamWMiniSF: the Ref controller (injection, divergence repair, overfit detection) is not "
-            "implemented in this release; the optimizer runs as AdamWMiniSF and loss signals are ignored"
-        )
+        device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+        self.controller = RefController(float(ref_alpha), tuple(ref_window), total_steps, repair, device)
+
+    @property
+    def total_steps(self) -> int | None:
+        return self.controller._total
 
     @torch.no_grad()
     def step(self, closure=None, *, loss=None, max_steps=None, val_loss=None):
-        """One step. ``loss``, ``val_loss`` and ``max_steps`` are checked but not yet used."""
-        self._check_signals(loss, val_loss)
-        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int)
-                                      or max_steps < 1):
-            raise ValueError(f"max_steps must be a positive int or None, got {max_steps!r}")
-        return self._step(closure)
-
-    def observe(self, loss=None, val_loss=None) -> None:
-        """Feed the controller from a callback (checked, not yet used)."""
-        self._check_signals(loss, val_loss)
-
-    @staticmethod
-    def _check_signals(loss, val_loss) -> None:
+        """One step. ``loss``/``val_loss`` (floats or 0-d tensors) feed the controller;
+        without ``loss``, a closure's return value does. ``max_steps`` sets ``T``."""
         _check_signal("loss", loss)
         _check_signal("val_loss", val_loss)
+        _check_steps("max_steps", max_steps)
+        return self._step(closure, loss=loss, val_loss=val_loss, max_steps=max_steps)
+
+    def observe(self, loss=None, val_loss=None) -> None:
+        """Feed the controller from a callback; it acts on the next ``step()``."""
+        _check_signal("loss", loss)
+        _check_signal("val_loss", val_loss)
+        self.controller.observe(loss=loss, val_loss=val_loss)
+
+    def _control(self, work, closure_loss, *, loss=None, val_loss=None, max_steps=None):
+        if loss is None and isinstance(closure_loss, (torch.Tensor, numbers.Real)) and not isinstance(
+                closure_loss, bool):
+            loss = closure_loss if not isinstance(closure_loss, torch.Tensor) else closure_loss.detach().reshape(())
+        self.controller.observe(loss=loss, val_loss=val_loss)
+        norms = [kernels.grad_norms(params, grads) for _, params, grads, *_ in work]
+        flat = [n.to(self.controller.device, torch.float32) for group_norms in norms for n in group_norms]
+        global_norm = torch.linalg.vector_norm(torch.stack(flat)) if flat else torch.zeros(())
+        decision = self.controller.decide(global_norm, max_steps)
+        return norms, kernels.Control(decision.lam, decision.pull, decision.skip)
+
+    def _after_step(self) -> None:
+        mirror = self._controller_stats()
+        for group in self.param_groups:
+            for key, value in mirror.items():
+                group["stats"][key].copy_(value)
+
+    def _controller_stats(self) -> dict[str, torch.Tensor]:
+        c = self.controller.stats()
+        return {"lam": c["lam"], "divergence_level": c["divergence_level"], "repairs": c["repairs"],
+                "skips": c["skips"], "flagged_steps": c["flagged_steps"], "overfit": c["overfit"]}
+
+    def stats(self) -> dict[str, torch.Tensor]:
+        """:meth:`AdamWMiniSF.stats` plus the controller's: ``lam`` (λ in force),
+        ``divergence_level`` (0–3), ``repairs`` and ``skips`` (step counts),
+        ``flagged_steps`` (steps at level > 0), ``overfit`` (1 while injection is
+        suspended) and ``controller_steps``. Mirrored into each
+        ``param_groups[i]["stats"]`` after every step."""
+        out = super().stats()
+        out.update({k: v.clone() for k, v in self._controller_stats().items()})
+        out["controller_steps"] = self.controller.stats()["controller_steps"]
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state_dict plus the controller's settings and state.
+
+        Like the param groups' hyperparameters, the controller's settings
+        (``ref_alpha``, ``ref_window``, ``repair``) are restored on load.
+        """
+        state = super().state_dict()
+        c = self.controller
+        state["ref_config"] = {"ref_alpha": c.ref_alpha, "ref_window": tuple(c.ref_window), "repair": c.repair}
+        state["ref_controller"] = c.state_dict()
+        return state
+
+    def _load_extra_state(self, state_dict: Mapping[str, Any]) -> None:
+        missing = {"ref_config", "ref_controller"} - set(state_dict)
+        if missing:
+            raise ValueError(f"the state_dict lacks {sorted(missing)}: it does not come from RefAdamWMiniSF")
+        config = state_dict["ref_config"]
+        if not isinstance(config, Mapping) or set(config) != {"ref_alpha", "ref_window", "repair"}:
+            raise ValueError("the state_dict's 'ref_config' is malformed")
+        controller = RefController(config["ref_alpha"], tuple(config["ref_window"]), None, config["repair"],
+                                   self.controller.device)
+        controller.load_state_dict(state_dict["ref_controller"])
+        self.controller = controller

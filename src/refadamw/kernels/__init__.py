@@ -17,11 +17,11 @@ from __future__ import annotations
 import torch
 
 from ..partition import BlockLayout
-from .common import Hyper, StepReport, all_finite
+from .common import Control, Hyper, StepReport, all_finite, grad_norms
 from .foreach import multi_tensor_update
 from .reference import single_tensor_update
 
-__all__ = ["Hyper", "StepReport", "all_finite", "update", "single_tensor_update", "multi_tensor_update"]
+__all__ = ["Control", "Hyper", "StepReport", "all_finite", "grad_norms", "update", "single_tensor_update", "multi_tensor_update"]
 
 
 def update(
@@ -32,12 +32,17 @@ def update(
     hyper: Hyper,
     *,
     fresh: list[bool] | None = None,
+    norms: list[torch.Tensor] | None = None,
+    control: Control | None = None,
     foreach: bool = True,
 ) -> StepReport:
     """Apply one step to a param group's tensors that have gradients.
 
     ``fresh[i]`` marks a state created for this step, whose moment buffers
-    are uninitialised and get computed directly from the gradient.
+    are uninitialised and get computed directly from the gradient. ``norms``
+    are the gradients' 2-norms when the caller already has them, and
+    ``control`` the Ref controller's decision (None: no controller).
     """
     impl = multi_tensor_update if foreach else single_tensor_update
-    return impl(params, grads, states, layouts, hyper, [False] * len(params) if fresh is None else fresh)
+    fresh = [False] * len(params) if fresh is None else fresh
+    return impl(params, grads, states, layouts, hyper, fresh, norms, control)

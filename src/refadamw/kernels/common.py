@@ -3,11 +3,12 @@ and fp32 working copies of low-precision storage."""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import NamedTuple
 
 import torch
 
-from ..precision import LOW_PRECISION, write_back
+from ..precision import LOW_PRECISION, compute_dtype, write_back
 
 
 class Hyper(NamedTuple):
@@ -26,6 +27,14 @@ class Hyper(NamedTuple):
     schedule_free: bool
 
 
+class Control(NamedTuple):
+    """The Ref controller's decision for one step, as 0-d tensors (SPEC.md §3 items 5–6)."""
+
+    lam: torch.Tensor  # float: share λ of the iterate injected into the average
+    pull: torch.Tensor  # float: repair strength ρ, z ← z + ρ·(x − z)
+    skip: torch.Tensor  # bool: leave the gradient out of this step entirely
+
+
 class StepReport(NamedTuple):
     """What one group's update did, as 0-d tensors (never read on the host here)."""
 
@@ -42,6 +51,36 @@ def all_finite(norms: list[torch.Tensor]) -> torch.Tensor:
     """
     device = norms[0].device
     return torch.stack([n.isfinite().to(device) for n in norms]).all()
+
+
+def buckets(params: list[torch.Tensor]) -> dict[tuple, list[int]]:
+    """Indices of ``params`` grouped by (device, compute dtype), for multi-tensor ops."""
+    out: dict[tuple, list[int]] = defaultdict(list)
+    for i, p in enumerate(params):
+        out[(p.device, compute_dtype(p.dtype))].append(i)
+    return out
+
+
+def grad_norms(params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each gradient's 2-norm, computed in its parameter's compute dtype."""
+    norms: list[torch.Tensor] = [None] * len(params)  # type: ignore[list-item]
+    for (_, dtype), idx in buckets(params).items():
+        for i, n in zip(idx, torch._foreach_norm([grads[i] for i in idx], dtype=dtype)):
+            norms[i] = n
+    return norms
+
+
+def gates(norms: list[torch.Tensor], control: Control | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(finite, keep)``: the hygiene gate, and whether the gradient is applied.
+
+    ``keep`` is ``finite`` unless the controller skips the step. Repair still
+    acts on a controller-skipped step, but never on a non-finite one, which
+    must leave everything untouched.
+    """
+    finite = all_finite(norms)
+    if control is None:
+        return finite, finite
+    return finite, finite & ~control.skip.to(finite.device)
 
 
 def finite_grads(grads: list[torch.Tensor]) -> list[torch.Tensor]:

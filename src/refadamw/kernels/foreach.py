@@ -9,15 +9,14 @@ are updated in place.
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 
 from ..auto_lr import step_size, update_norm_ema
-from ..averaging import averaging_weight, warmup_factor, y_step_coefficient
+from ..averaging import averaging_weight, pull_weights, ref_weight, warmup_factor, y_step_coefficient
 from ..partition import BlockLayout
-from ..precision import Salt, compute_dtype, rounding_keys
-from .common import Hyper, StepReport, all_finite, finite_grads, finite_squares, needs_rounding, store, working_copy
+from ..precision import Salt, rounding_keys
+from .common import (Control, Hyper, StepReport, buckets, finite_grads, finite_squares, gates, grad_norms,
+                     needs_rounding, store, working_copy)
 
 
 def multi_tensor_update(
@@ -27,19 +26,15 @@ def multi_tensor_update(
     layouts: list[BlockLayout],
     hyper: Hyper,
     fresh: list[bool],
+    norms: list[torch.Tensor] | None = None,
+    control: Control | None = None,
 ) -> StepReport:
-    buckets: dict[tuple, list[int]] = defaultdict(list)
-    for i, p in enumerate(params):
-        buckets[(p.device, compute_dtype(p.dtype))].append(i)
-
-    norms: list[torch.Tensor] = [None] * len(params)  # type: ignore[list-item]
-    for (_, dtype), idx in buckets.items():
-        for i, n in zip(idx, torch._foreach_norm([grads[i] for i in idx], dtype=dtype)):
-            norms[i] = n
-    keep = all_finite(norms)
+    if norms is None:
+        norms = grad_norms(params, grads)
+    finite, keep = gates(norms, control)
 
     lrs, etas = [], []
-    for (device, dtype), idx in buckets.items():
+    for (device, dtype), idx in buckets(params).items():
         lr_t, eta = _update_bucket(
             [params[i] for i in idx],
             [grads[i] for i in idx],
@@ -50,6 +45,7 @@ def multi_tensor_update(
             hyper,
             keep.to(device),
             dtype,
+            None if control is None else (control.lam.to(device), torch.where(finite, control.pull, 0.0).to(device)),
         )
         lrs.append(lr_t.to(keep.device, torch.float32))
         etas.append(eta.to(keep.device, torch.float32))
@@ -92,7 +88,7 @@ def _rounding_keys(states, step, salt: Salt, targets, dtype) -> list[torch.Tenso
     return list(rounding_keys(_stacked(states, "rounding_key"), step, salt).unbind())
 
 
-def _update_bucket(params, grads, norm, states, layouts, fresh, h: Hyper, keep, dtype):
+def _update_bucket(params, grads, norm, states, layouts, fresh, h: Hyper, keep, dtype, ref):
     keep_f = keep.to(dtype)
     zero = torch.zeros((), dtype=dtype, device=keep.device)
 
@@ -112,6 +108,10 @@ def _update_bucket(params, grads, norm, states, layouts, fresh, h: Hyper, keep, 
     }
     if h.schedule_free:
         c, new["lr_max"], new["weight_sum"] = averaging_weight(lr_t, old["lr_max"], old["weight_sum"])
+        if ref is not None:
+            lam, pull = ref
+            c = ref_weight(c, lam.to(dtype))
+            scalars["pull_y"], scalars["pull_z"] = pull_weights(pull.to(dtype), h.beta1)
         c = torch.where(keep, c, zero)
         scalars.update(c=c, y_step=y_step_coefficient(eta, c, h.beta1))
     else:
@@ -160,6 +160,9 @@ def _update_tensors(params, grads, states, layouts, h: Hyper, dtype, k: dict[str
     if h.schedule_free:
         zs = [working_copy(s["z"], dtype) for s in states]
         blocked_zs = [lay.blocked(z) for lay, z in zip(layouts, zs)]
+        if "pull_y" in k:  # Ref repair: z ← z + ρ·(x − z), keeping x
+            torch._foreach_lerp_(blocked_ys, blocked_zs, k["pull_y"])
+            torch._foreach_lerp_(blocked_zs, blocked_ys, k["pull_z"])
         torch._foreach_lerp_(blocked_ys, blocked_zs, k["c"])
         torch._foreach_addcmul_(blocked_ys, ds, k["y_step"])
         torch._foreach_addcmul_(blocked_zs, ds, k["z_step"])

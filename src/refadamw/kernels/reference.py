@@ -4,8 +4,10 @@ SPEC.md §3 items 1–4. For each param group, with per-tensor step ``t``
 (counting from 1, advanced only by applied steps), gradient ``g`` and the
 parameter tensor holding ``y``; all math in fp32 (fp64 for fp64 params):
 
-    keep   = every gradient norm in the group is finite        (hygiene, §3.1)
+    finite = every gradient norm in the group is finite        (hygiene, §3.1)
              — when false, nothing below is written: state and weights stay
+    keep   = finite and not skipped by the Ref controller      (repair, §3.6)
+             — when false, the gradient is left out: η = c = 0, v and t stay
     lr_t   = lr · min(1, t / warmup_steps)
     n      = ‖g‖₂
     ē      = n                      if t = 1                    (auto-lr, §3.2)
@@ -15,13 +17,16 @@ parameter tensor holding ``y``; all math in fp32 (fp64 for fp64 params):
     v      = β2·v + (1−β2)·s        (v = (1−β2)·s on a fresh state) (Adam-mini, §3.3)
     denom  = sqrt(v / (1−β2^t)) + eps       broadcast over each block
 
-  Schedule-Free (§3.4, Defazio et al. 2024):
+  Schedule-Free (§3.4, Defazio et al. 2024), with the Ref controller's λ, ρ (§3.5–6):
     d      = g/denom + wd·y
+    a      = ρ·(1−β1)/β1                     (ρ = 0 when not finite)
+    y      ← lerp(y, z, −a);  z ← lerp(z, y, (a+ρ)/(1+a))    z ← z + ρ·(x − z), x kept
     lr_max = max(lr_max, lr_t),  W = W + lr_max²,  c = lr_max²/W
+    c      ← c + λ·(1−c)                     x ← (1−λ)·x + λ·z on top of averaging
     y      ← (1−c)·y + c·z + η·(β1·(1−c) − 1)·d
     z      ← z − η·d                                 (z starts equal to y)
 
-  schedule_free=False (AdamW-mini, for ablations):
+  schedule_free=False (AdamW-mini, for ablations; the controller can only skip):
     m      = β1·m + (1−β1)·g        (m = (1−β1)·g on a fresh state)
     d      = (m/(1−β1^t))/denom + wd·y
     y      ← y − η·d
@@ -37,10 +42,10 @@ from __future__ import annotations
 import torch
 
 from ..auto_lr import step_size, update_norm_ema
-from ..averaging import averaging_weight, warmup_factor, y_step_coefficient
+from ..averaging import averaging_weight, pull_weights, ref_weight, warmup_factor, y_step_coefficient
 from ..partition import BlockLayout
 from ..precision import Salt, compute_dtype, rounding_keys
-from .common import Hyper, StepReport, all_finite, finite_grads, finite_squares, needs_rounding, store
+from .common import Control, Hyper, StepReport, finite_grads, finite_squares, gates, needs_rounding, store
 
 
 def single_tensor_update(
@@ -50,19 +55,31 @@ def single_tensor_update(
     layouts: list[BlockLayout],
     hyper: Hyper,
     fresh: list[bool],
+    norms: list[torch.Tensor] | None = None,
+    control: Control | None = None,
 ) -> StepReport:
     grads = [g.to(compute_dtype(p.dtype)) for p, g in zip(params, grads)]
-    norms = [torch.linalg.vector_norm(g) for g in grads]
-    keep = all_finite(norms)
+    if norms is None:
+        norms = [torch.linalg.vector_norm(g) for g in grads]
+    finite, keep = gates(norms, control)
     lrs, etas = [], []
     for param, grad, norm, state, layout, new in zip(params, grads, norms, states, layouts, fresh):
-        lr_t, eta = _update_one(param, grad, norm, state, layout, hyper, keep.to(param.device), new)
+        device = param.device
+        lr_t, eta = _update_one(param, grad, norm, state, layout, hyper, keep.to(device), new,
+                                _controls(control, finite, hyper, device))
         lrs.append(lr_t.to(keep.device, torch.float32))
         etas.append(eta.to(keep.device, torch.float32))
     return StepReport(keep, torch.stack(lrs).mean(), torch.stack(etas).mean())
 
 
-def _update_one(param, grad, norm, state, layout: BlockLayout, h: Hyper, keep, fresh: bool):
+def _controls(control: Control | None, finite, h: Hyper, device):
+    """``(λ, ρ)`` for this group (ρ = 0 unless finite), or None without a controller."""
+    if control is None or not h.schedule_free:
+        return None
+    return control.lam.to(device), torch.where(finite, control.pull, 0.0).to(device)
+
+
+def _update_one(param, grad, norm, state, layout: BlockLayout, h: Hyper, keep, fresh: bool, ref):
     dtype = grad.dtype
     keep_f = keep.to(dtype)
     zero = torch.zeros((), dtype=dtype, device=grad.device)
@@ -85,8 +102,14 @@ def _update_one(param, grad, norm, state, layout: BlockLayout, h: Hyper, keep, f
     if h.schedule_free:
         d = (blocked_grad / denom + h.weight_decay * layout.blocked(y)).reshape(param.shape)
         c, lr_max, weight_sum = averaging_weight(lr_t, state["lr_max"], state["weight_sum"])
-        c = torch.where(keep, c, zero)
         z = state["z"].to(dtype)
+        if ref is not None:
+            lam, rho = ref
+            pull_y, pull_z = pull_weights(rho.to(dtype), h.beta1)
+            y = torch.lerp(y, z, pull_y)
+            z = torch.lerp(z, y, pull_z)
+            c = ref_weight(c, lam.to(dtype))
+        c = torch.where(keep, c, zero)
         y_new = torch.lerp(y, z, c) + y_step_coefficient(eta, c, h.beta1) * d
         store(state["z"], z - eta * d, _key(state, step, Salt.Z, state["z"], dtype))
         state["lr_max"].copy_(torch.where(keep, lr_max, state["lr_max"]))

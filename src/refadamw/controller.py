@@ -1,0 +1,321 @@
+"""The Ref controller: window, divergence, overfit, repair (SPEC.md §3 items 5–6).
+
+A small state machine over 0-d tensors, read as signal → level → action.
+``observe()`` feeds signals, ``decide()`` runs once per optimizer step, before
+the update. Nothing here syncs with the host: every decision is tensor
+arithmetic, so the optimizer can call it inside a CUDA step.
+
+Signals and levels (step ``t`` counts ``decide()`` calls from 1):
+
+| signal | statistic | level 1 / 2 / 3 when |
+|---|---|---|
+| ``loss`` ℓ (once any is fed) | ``r = 1 + (ℓ−ē)/|ē|`` (ℓ/ē if ē > 0) | ``r >`` 1.2 / 1.5 / 2.0, ``ℓ−ē > k·σ`` |
+| ``grad_norm`` n (no loss yet) | ``z = (log n − ē)/max(σ, σ_min)`` | ``z >`` 4 / 6 / 9 |
+| ``val_loss`` | last four strictly rising | *overfit*: suspend injection |
+
+ē and σ are the signal's own running mean and deviation, not the previous
+value (SPEC.md §3.6). Per ``decide()`` the seed's order is kept: validation
+bookkeeping first, then the divergence level, then the actions.
+
+Actions of one ``decide()``:
+
+| state | ``lam`` | ``pull`` ρ | ``skip`` |
+|---|---|---|---|
+| level 0, ``t`` in window, not suspended | ``ref_alpha`` | ``ladder[0]`` (0) | no |
+| level ℓ > 0 (diverging) | 0 | ``ladder[ℓ]`` (0.6 / 0.8 / 1.0) | ``ℓ == 3`` |
+| ``repair=False`` | as above | 0 | no |
+| outside window, ``T`` unknown, or suspended | 0 | as above | as above |
+
+Window (the seed's test, in float64): ``w0 ≤ t/T ≤ w1``, ``T`` = the latest
+``max_steps`` or else ``total_steps``; it is turned into integer bounds on the
+host once per new ``T``, so the device only compares integers.
+
+Running statistics (ē, σ² for loss, and for log grad norm) are exponentially
+weighted, with Welford weights ``1/n`` until ``1/n < β`` so the estimate is
+unbiased from the first value:
+
+    w = max(β, 1/n),   ē ← ē + w·(x−ē),   σ² ← (1−w)·(σ² + w·(x−ē)²)
+
+Rules shared by both detectors: no level during the first ``warmup`` values;
+flagged and non-finite values do not enter ē, σ² (a spike must not raise its
+own baseline); after ``reanchor_after`` consecutive flagged values the shift
+is taken as genuine and the statistics restart from the current value (a new
+warm-up). Levels from losses fed between two ``decide()`` calls combine by
+max; a step with no fresh loss (after one was seen) has level 0, so stale
+signals never keep skipping steps.
+
+Overfit (the seed's rule, SPEC.md §2 "Validation history"): the last 20
+``val_loss`` values are kept. *Overfit*: the last four strictly increase; it
+sets *suspended*. *Improving*: each of the last ``K`` values is below the one
+before, ``K = min(20, max(10, int(1e-4·M)))`` with ``M = T`` or 1000 (the seed
+used the call's ``max_steps`` only). With fewer than ``K+1`` stored values it
+is False (the seed raised IndexError there). While suspended, each
+``decide()`` with *improving* adds one to a counter and any other resets it;
+the suspension clears at ``K``.
+
+Defaults (keyword tunables; measured on synthetic clean runs, 2000 steps):
+
+| tunable | default | why |
+|---|---|---|
+| ``ladder`` | (0, 0.6, 0.8, 1.0) | the seed's λ ladder, SPEC's starting point for ρ |
+| ``loss_ratios`` | (1.2, 1.5, 2.0) | the seed's thresholds |
+| ``noise_k`` | 4 | losses are right-skewed: lognormal σ=0.3 noise flags 2% at k=3, 0.5% at 4 |
+| ``gnorm_z`` | (4, 6, 9) | t(5) noise in log n flags 1% at (3, 5, 8), 0.2% here; ×1000 is +6.9 |
+| ``gnorm_min_std`` | 0.05 | with a near-constant norm, level 1 still needs ×e^0.2 ≈ ×1.22 |
+| ``beta`` | 0.05 | a ~20-step memory: lags a falling loss only slightly |
+| ``warmup`` | 20 | values before any level (= 1/β, where the weights turn exponential) |
+| ``reanchor_after`` | 10 | a burst of bad batches is repaired; a real shift costs ≤ 9 steps |
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import torch
+
+logger = logging.getLogger("refadamw")
+
+HISTORY = 20  # val_loss values kept, as in the seed
+
+# name → (dtype, shape) of every state tensor; the whole state_dict.
+_STATE: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {
+    "t": (torch.int64, ()), "total_steps": (torch.int64, ()),  # total_steps 0 = unknown
+    "loss_seen": (torch.bool, ()), "loss_pending": (torch.int64, ()),
+    "loss_ema": (torch.float32, ()), "loss_var": (torch.float32, ()),
+    "loss_count": (torch.int64, ()), "loss_run": (torch.int64, ()),
+    "gnorm_ema": (torch.float32, ()), "gnorm_var": (torch.float32, ()),
+    "gnorm_count": (torch.int64, ()), "gnorm_run": (torch.int64, ()),
+    "val_history": (torch.float32, (HISTORY,)), "val_count": (torch.int64, ()),
+    "suspended": (torch.bool, ()), "improve_run": (torch.int64, ()),
+    "lam": (torch.float32, ()), "level": (torch.int64, ()),
+    "repairs": (torch.int64, ()), "skips": (torch.int64, ()), "flagged_steps": (torch.int64, ()),
+}
+
+
+class Decision(NamedTuple):
+    lam: torch.Tensor  # 0-d float32: Ref share λ in force this step
+    pull: torch.Tensor  # 0-d float32: repair strength ρ, z ← z + ρ·(x − z)
+    skip: torch.Tensor  # 0-d bool: skip this step entirely
+    level: torch.Tensor  # 0-d int64: divergence level 0..3
+
+
+def _levels(stat: torch.Tensor, thresholds: tuple[float, float, float]) -> torch.Tensor:
+    """Count of increasing thresholds exceeded: the level 0..3 (NaN → 0)."""
+    return sum((stat > th).long() for th in thresholds)
+
+
+def _ew_update(x, ema, var, count, beta: float, take):
+    """One exponentially weighted mean/variance step, applied only where ``take``."""
+    n = count + 1
+    w = n.to(torch.float32).reciprocal().clamp(min=beta)
+    dev = x - ema
+    new_ema, new_var = ema + w * dev, (1 - w) * (var + w * dev * dev)
+    return torch.where(take, new_ema, ema), torch.where(take, new_var, var), torch.where(take, n, count)
+
+
+def _window_bounds(w0: float, w1: float, total: int) -> tuple[int, int]:
+    """Integer ``[lo, hi]`` with ``lo ≤ t ≤ hi ⇔ w0 ≤ t/T ≤ w1`` in float64 (host ints only)."""
+    lo = max(1, math.ceil(w0 * total))
+    while lo / total < w0:
+        lo += 1
+    while lo > 1 and (lo - 1) / total >= w0:
+        lo -= 1
+    hi = math.floor(w1 * total)
+    while hi / total > w1:
+        hi -= 1
+    while (hi + 1) / total <= w1:
+        hi += 1
+    return lo, hi
+
+
+def _check_real(name: str, value: Any, low: float, high: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be in [{low}, {high if high is not None else 'inf'}], got {value}")
+    return float(value)
+
+
+def _check_steps(name: str, value: Any) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    return value
+
+
+def _check_increasing(name: str, values: Any, n: int, low: float, high: float | None = None) -> tuple:
+    if not isinstance(values, (tuple, list)) or len(values) != n:
+        raise TypeError(f"{name} must be a sequence of {n} numbers, got {values!r}")
+    out = tuple(_check_real(f"{name}[{i}]", v, low, high) for i, v in enumerate(values))
+    if any(a > b for a, b in zip(out, out[1:])):
+        raise ValueError(f"{name} must be non-decreasing, got {out}")
+    return out
+
+
+class RefController:
+    """Signal → level → action, as tensors. See the module docstring for the tables."""
+
+    def __init__(self, ref_alpha: float, ref_window: tuple[float, float], total_steps: int | None,
+                 repair: bool, device: torch.device | str = torch.device("cpu"), *,
+                 ladder: tuple[float, float, float, float] = (0.0, 0.6, 0.8, 1.0),
+                 loss_ratios: tuple[float, float, float] = (1.2, 1.5, 2.0), noise_k: float = 4.0,
+                 gnorm_z: tuple[float, float, float] = (4.0, 6.0, 9.0), gnorm_min_std: float = 0.05,
+                 beta: float = 0.05, warmup: int = 20, reanchor_after: int = 10) -> None:
+        self.ref_alpha = _check_real("ref_alpha", ref_alpha, 0.0, 1.0)
+        self.ref_window = _check_increasing("ref_window", ref_window, 2, 0.0, 1.0)
+        if not isinstance(repair, bool):
+            raise TypeError(f"repair must be True or False, got {repair!r}")
+        self.repair = repair
+        self.ladder = _check_increasing("ladder", ladder, 4, 0.0, 1.0)
+        self.loss_ratios = _check_increasing("loss_ratios", loss_ratios, 3, 1.0)
+        self.gnorm_z = _check_increasing("gnorm_z", gnorm_z, 3, 0.0)
+        self.noise_k = _check_real("noise_k", noise_k, 0.0)
+        self.gnorm_min_std = _check_real("gnorm_min_std", gnorm_min_std, 0.0)
+        self.beta = _check_real("beta", beta, 0.0, 1.0)
+        if self.beta == 0.0:
+            raise ValueError("beta must be > 0")
+        for name, value in (("warmup", warmup), ("reanchor_after", reanchor_after)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.warmup, self.reanchor_after = warmup, reanchor_after
+        self.device = torch.device(device)
+        self._s = {k: torch.zeros(shape, dtype=dt, device=self.device) for k, (dt, shape) in _STATE.items()}
+        self._ladder = torch.tensor(self.ladder, dtype=torch.float32, device=self.device)
+        self._warned = False
+        self._set_total(_check_steps("total_steps", total_steps))
+
+    # -- host-side T: window bounds and K are Python ints, derived once per new T -----------------
+    def _set_total(self, total: int | None) -> None:
+        self._total = total
+        self._s["total_steps"] = torch.tensor(total or 0, dtype=torch.int64, device=self.device)
+        self._lo, self._hi = _window_bounds(*self.ref_window, total) if total else (1, 0)  # (1, 0): empty
+        self._k = min(20, max(10, int(1e-4 * (total or 1000))))
+
+    def _signal(self, name: str, value: Any) -> torch.Tensor:
+        if isinstance(value, torch.Tensor):
+            if value.dim() != 0:
+                raise ValueError(f"{name} must be a Python float or a 0-dim tensor, got shape {list(value.shape)}")
+            return value.detach().to(self.device, torch.float32)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a Python float or a 0-dim tensor, got {type(value).__name__}")
+        return torch.tensor(float(value), dtype=torch.float32, device=self.device)
+
+    def _detect(self, prefix: str, x: torch.Tensor, stat: torch.Tensor, gate: torch.Tensor,
+                thresholds: tuple[float, float, float]) -> torch.Tensor:
+        """Level from ``stat`` (computed from ``x`` against the running stats), then update them."""
+        s = self._s
+        ema, var, count, run = (s[f"{prefix}_{k}"] for k in ("ema", "var", "count", "run"))
+        finite = torch.isfinite(x)
+        level = torch.where(finite & gate & (count >= self.warmup), _levels(stat, thresholds), 0)
+        run = torch.where(level > 0, run + 1, torch.where(finite, 0, run))
+        reanchor = run >= self.reanchor_after  # a lasting shift is the new normal: start over from x
+        level = torch.where(reanchor, 0, level)
+        count = torch.where(reanchor, 0, count)
+        take = finite & (level == 0)  # spikes and NaNs stay out of their own baseline
+        s[f"{prefix}_ema"], s[f"{prefix}_var"], s[f"{prefix}_count"] = _ew_update(
+            x, ema, var, count, self.beta, take)
+        s[f"{prefix}_run"] = torch.where(reanchor, 0, run)
+        return level
+
+    def observe(self, loss: float | torch.Tensor | None = None,
+                val_loss: float | torch.Tensor | None = None) -> None:
+        """Feed a training loss and/or a validation loss (floats or 0-d tensors; no sync)."""
+        x = None if loss is None else self._signal("loss", loss)
+        v = None if val_loss is None else self._signal("val_loss", val_loss)
+        s = self._s
+        if x is not None:
+            ema = s["loss_ema"]
+            dev = x - ema
+            ratio = 1 + dev / ema.abs().clamp(min=1e-8)  # = ℓ/ē for ē > 0; still "rise" for ē < 0
+            gate = dev > self.noise_k * s["loss_var"].sqrt()  # well above the minibatch noise
+            level = self._detect("loss", x, ratio, gate, self.loss_ratios)
+            s["loss_pending"] = torch.maximum(s["loss_pending"], level)
+            s["loss_seen"] = torch.ones_like(s["loss_seen"])
+        if v is not None:
+            s["val_history"] = torch.cat((s["val_history"][1:], v.reshape(1)))
+            s["val_count"] = (s["val_count"] + 1).clamp(max=HISTORY)
+
+    def decide(self, grad_norm: torch.Tensor | float, max_steps: int | None = None) -> Decision:
+        """Advance ``t`` and decide this step's λ, pull and skip (before the update)."""
+        g = self._signal("grad_norm", grad_norm)
+        if _check_steps("max_steps", max_steps) is not None and max_steps != self._total:
+            self._set_total(max_steps)
+        if self._total is None and not self._warned:
+            self._warned = True
+            logger.warning("RefController: no total_steps or max_steps given, so the Ref injection window "
+                           "is unknown and λ stays 0 (divergence and overfit detection still run)")
+        s = self._s
+        s["t"] = t = s["t"] + 1
+
+        # 1. overfit bookkeeping (seed order: validation first)
+        h, n = s["val_history"], s["val_count"]
+        overfit = (n >= 4) & (h[-3:] > h[-4:-1]).all()
+        if self._k < HISTORY:  # K = 20 needs 21 values in a 20-long history: never improving
+            improving = (n >= self._k + 1) & (h[-self._k:] < h[-self._k - 1:-1]).all()
+        else:
+            improving = torch.zeros_like(overfit)
+        run = torch.where(s["suspended"] & improving, s["improve_run"] + 1, 0)
+        cleared = run >= self._k
+        s["suspended"] = (s["suspended"] & ~cleared) | overfit
+        s["improve_run"] = torch.where(cleared, 0, run)
+
+        # 2. divergence level: the loss's if one was ever fed, else the log grad norm's z-score
+        log_g = g.log()
+        ema = s["gnorm_ema"]
+        z = (log_g - ema) / s["gnorm_var"].sqrt().clamp(min=self.gnorm_min_std)
+        g_level = self._detect("gnorm", log_g, z, torch.ones_like(s["loss_seen"]), self.gnorm_z)
+        level = torch.where(s["loss_seen"], s["loss_pending"], g_level)
+        s["loss_pending"] = torch.zeros_like(level)
+
+        # 3. actions
+        allowed = (t >= self._lo) & (t <= self._hi) & (level == 0) & ~s["suspended"]
+        lam = allowed.to(torch.float32) * self.ref_alpha
+        if self.repair:
+            pull, skip = self._ladder.gather(0, level.reshape(1)).reshape(()), level == 3
+        else:
+            pull, skip = torch.zeros_like(lam), torch.zeros_like(allowed)
+        s["lam"], s["level"] = lam, level
+        s["repairs"] = s["repairs"] + (pull > 0).long()
+        s["skips"] = s["skips"] + skip.long()
+        s["flagged_steps"] = s["flagged_steps"] + (level > 0).long()
+        return Decision(lam, pull, skip, level)
+
+    def stats(self) -> dict[str, torch.Tensor]:
+        s = self._s
+        return {"lam": s["lam"].clone(), "divergence_level": s["level"].clone(), "repairs": s["repairs"].clone(),
+                "skips": s["skips"].clone(), "flagged_steps": s["flagged_steps"].clone(),
+                "overfit": s["suspended"].to(torch.float32), "controller_steps": s["t"].clone()}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self._s.items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Check every key, dtype and shape first; on any error ``self`` is left unchanged."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"RefController state must be a mapping, got {type(state).__name__}")
+        missing, extra = set(_STATE) - set(state), set(state) - set(_STATE)
+        if missing or extra:
+            raise ValueError(f"RefController state: missing keys {sorted(missing)}, unexpected {sorted(extra)}")
+        new = {}
+        for k, (dtype, shape) in _STATE.items():
+            v = state[k]
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(f"RefController state[{k!r}] must be a tensor, got {type(v).__name__}")
+            if v.dtype != dtype or tuple(v.shape) != shape:
+                raise ValueError(f"RefController state[{k!r}] must be {dtype} of shape {shape}, "
+                                 f"got {v.dtype} of shape {tuple(v.shape)}")
+            new[k] = v.detach().to(self.device).clone()
+        total = int(new["total_steps"])  # load time only, never in observe()/decide()
+        if total < 0:
+            raise ValueError(f"RefController state['total_steps'] must be >= 0, got {total}")
+        self._s = new
+        self._set_total(total or None)
+
+    def to(self, device: torch.device | str) -> RefController:
+        self.device = torch.device(device)
+        self._s = {k: v.to(self.device) for k, v in self._s.items()}
+        self._ladder = self._ladder.to(self.device)
+        return self

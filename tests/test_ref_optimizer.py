@@ -1,0 +1,309 @@
+"""RefAdamWMiniSF: the controller wired into the optimizer (SPEC.md §3 items 5–6, §3b)."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import pytest
+import torch
+
+from refadamw import AdamWMiniSF, RefAdamWMiniSF
+from refadamw.controller import Decision
+
+from .spec_reference import SpecHyper, SpecParam, spec_step
+
+
+def _pair(seed=0):
+    torch.manual_seed(seed)
+    a = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 4))
+    b = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 4))
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def _loss(model, step):
+    gen = torch.Generator().manual_seed(step)
+    return model(torch.randn(16, 64, generator=gen)).pow(2).mean()
+
+
+@pytest.mark.parametrize("feed", ["none", "loss", "closure"])
+def test_without_injection_or_trouble_it_is_adamw_mini_sf(feed):
+    """λ = 0 and a quiet controller leave the arithmetic bit-identical to AdamWMiniSF."""
+    a, b = _pair()
+    ref = RefAdamWMiniSF(a.parameters(), ref_alpha=0.0, total_steps=40)
+    plain = AdamWMiniSF(b.parameters())
+    for step in range(40):
+        for model, opt in ((a, ref), (b, plain)):
+            def closure(model=model, opt=opt):
+                opt.zero_grad()
+                loss = _loss(model, step)
+                loss.backward()
+                return loss
+            if opt is ref and feed == "closure":
+                opt.step(closure)
+                continue
+            loss = closure()
+            if opt is ref and feed == "loss":
+                opt.step(loss=loss.detach(), val_loss=float(step))
+            else:
+                opt.step()
+    assert ref.stats()["flagged_steps"].item() == 0
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+SCRIPT = [  # (λ, ρ, skip) per step: injection, a level-1 pull, a level-3 skip, injection again
+    # (values exact in fp32, the controller's dtype)
+    (0.0, 0.0, False), (0.25, 0.0, False), (0.25, 0.0, False), (0.0, 0.625, False),
+    (0.0, 1.0, True), (0.0, 0.75, False), (0.5, 0.0, False), (0.375, 0.0, False),
+]
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("schedule_free", [True, False])
+def test_scripted_decisions_match_the_float64_reference(foreach, schedule_free):
+    hp = SpecHyper(lr=2e-2, weight_decay=0.1, warmup_steps=2, auto_lr=False, schedule_free=schedule_free)
+    gen = torch.Generator().manual_seed(0)
+    values = [torch.randn(s, generator=gen, dtype=torch.float64) for s in ((96, 64), (96,), (5, 3))]
+    params = [torch.nn.Parameter(v.clone()) for v in values]
+    spec = [SpecParam(y=v.clone()) for v in values]
+    opt = RefAdamWMiniSF(params, lr=hp.lr, weight_decay=hp.weight_decay, warmup_steps=hp.warmup_steps,
+                         schedule_free=schedule_free, foreach=foreach, total_steps=len(SCRIPT))
+    script = iter(SCRIPT)
+
+    def scripted(grad_norm, max_steps=None):
+        lam, pull, skip = next(script)
+        return Decision(torch.tensor(lam), torch.tensor(pull), torch.tensor(skip), torch.tensor(0))
+
+    opt.controller.decide = scripted
+    for lam, pull, skip in SCRIPT:
+        grads = [torch.randn(v.shape, generator=gen, dtype=torch.float64) for v in values]
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        spec_step(spec, grads, hp, lam=lam if schedule_free else 0.0, pull=pull if schedule_free else 0.0,
+                  skip=skip)
+        for p, sp in zip(params, spec):
+            torch.testing.assert_close(p.detach(), sp.y, rtol=1e-9, atol=1e-11)
+    assert opt.stats()["skipped_steps"].item() == 1
+
+
+def test_pull_of_one_puts_the_iterate_on_the_average():
+    weight = torch.nn.Parameter(torch.randn(32, 32))
+    opt = RefAdamWMiniSF([weight], total_steps=100)
+    for _ in range(5):
+        weight.grad = torch.randn(32, 32)
+        opt.step()
+    opt.eval()
+    average = weight.detach().clone()
+    opt.train()
+    opt.controller.decide = lambda g, m=None: Decision(torch.tensor(0.0), torch.tensor(1.0), torch.tensor(True),
+                                                       torch.tensor(3))
+    weight.grad = torch.randn(32, 32) * 1000
+    opt.step()
+    torch.testing.assert_close(weight.detach(), average)  # y = x
+    torch.testing.assert_close(opt.state[weight]["z"], average)  # z = x
+
+
+def test_non_finite_gradient_is_never_repaired_into_the_weights():
+    weight = torch.nn.Parameter(torch.randn(8, 8))
+    opt = RefAdamWMiniSF([weight], total_steps=100)
+    for _ in range(3):
+        weight.grad = torch.randn(8, 8)
+        opt.step()
+    before = weight.detach().clone(), opt.state[weight]["z"].clone()
+    opt.controller.decide = lambda g, m=None: Decision(torch.tensor(0.0), torch.tensor(1.0), torch.tensor(True),
+                                                       torch.tensor(3))
+    weight.grad = torch.full((8, 8), float("nan"))
+    opt.step()
+    assert torch.equal(weight, before[0]) and torch.equal(opt.state[weight]["z"], before[1])
+
+
+def _train_with_spike(opt_cls, feed_loss, spike_at=60, steps=90, **kwargs):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    opt = opt_cls(model.parameters(), lr=1e-2, **kwargs)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(512, 8, generator=gen)
+    target = x.sum(1, keepdim=True).sin()
+    for step in range(steps):
+        idx = torch.randint(512, (32,), generator=gen)
+        loss = torch.nn.functional.mse_loss(model(x[idx]), target[idx])
+        opt.zero_grad()
+        loss.backward()
+        if spike_at <= step < spike_at + 3:
+            for p in model.parameters():
+                p.grad.mul_(1000)
+            loss = loss * 1000
+        if feed_loss:
+            opt.step(loss=loss.detach())
+        else:
+            opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("feed_loss", [True, False], ids=["loss", "grad-norm"])
+def test_a_gradient_spike_is_detected_and_skipped(feed_loss):
+    """Also through plain step(): trainers that never pass a loss still get repair."""
+    opt = _train_with_spike(RefAdamWMiniSF, feed_loss, total_steps=90)
+    stats = opt.stats()
+    assert stats["skips"].item() == 3 and stats["skipped_steps"].item() == 3
+    assert stats["flagged_steps"].item() <= 5
+    assert stats["repairs"].item() >= 3
+
+
+def test_repair_off_detects_but_does_not_act():
+    opt = _train_with_spike(RefAdamWMiniSF, True, total_steps=90, repair=False)
+    stats = opt.stats()
+    assert stats["flagged_steps"].item() >= 3
+    assert stats["skips"].item() == 0 and stats["repairs"].item() == 0 and stats["skipped_steps"].item() == 0
+
+
+def test_stats_report_the_controller_and_mirror_into_param_groups():
+    opt = _train_with_spike(RefAdamWMiniSF, True, spike_at=1000, steps=30, total_steps=50, ref_alpha=0.05)
+    stats = opt.stats()
+    for key in ("steps", "skipped_steps", "lr", "effective_lr", "lam", "divergence_level", "repairs", "skips",
+                "flagged_steps", "overfit", "controller_steps"):
+        assert isinstance(stats[key], torch.Tensor) and stats[key].dim() == 0, key
+    assert stats["lam"].item() == pytest.approx(0.05)  # step 30 of 50 is inside the (0.2, 0.8) window
+    group = opt.param_groups[0]["stats"]
+    for key in ("lam", "divergence_level", "repairs", "skips", "flagged_steps", "overfit"):
+        assert group[key].item() == stats[key].item()
+    assert stats["controller_steps"].item() == 30
+
+
+def test_window_follows_max_steps_and_total_steps():
+    weight = torch.nn.Parameter(torch.randn(4, 4))
+    opt = RefAdamWMiniSF([weight], ref_alpha=0.1, ref_window=(0.5, 1.0))
+    lams = []
+    for _ in range(10):
+        weight.grad = torch.randn(4, 4)
+        opt.step(max_steps=10)
+        lams.append(opt.stats()["lam"].item())
+    assert opt.total_steps == 10
+    assert lams == pytest.approx([0.0] * 4 + [0.1] * 6)
+
+
+def test_no_total_steps_means_no_injection_and_one_warning(caplog):
+    weight = torch.nn.Parameter(torch.randn(4, 4))
+    opt = RefAdamWMiniSF([weight], ref_alpha=0.5)
+    with caplog.at_level(logging.WARNING, logger="refadamw"):
+        for _ in range(5):
+            weight.grad = torch.randn(4, 4)
+            opt.step()
+    assert opt.stats()["lam"].item() == 0.0
+    assert sum("total_steps" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_overfit_suspends_injection():
+    weight = torch.nn.Parameter(torch.randn(4, 4))
+    opt = RefAdamWMiniSF([weight], ref_alpha=0.1, ref_window=(0.0, 1.0), total_steps=100)
+    for step, val in enumerate([1.0, 1.1, 1.2, 1.3]):
+        weight.grad = torch.randn(4, 4)
+        opt.observe(val_loss=val)
+        opt.step()
+    assert opt.stats()["overfit"].item() == 1.0 and opt.stats()["lam"].item() == 0.0
+
+
+def test_controller_state_round_trips_through_state_dict():
+    a, b = _pair()
+    first = RefAdamWMiniSF(a.parameters(), total_steps=60, ref_alpha=0.1)
+    for step in range(30):
+        first.zero_grad()
+        loss = _loss(a, step)
+        loss.backward()
+        first.step(loss=loss.detach(), val_loss=loss.detach())
+    buffer = io.BytesIO()
+    torch.save({"model": a.state_dict(), "opt": first.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    b.load_state_dict(saved["model"])
+    second = RefAdamWMiniSF(b.parameters())  # T and ref_alpha come back from the checkpoint
+    second.load_state_dict(saved["opt"])
+    assert second.total_steps == 60
+    for step in range(30, 60):
+        for model, opt in ((a, first), (b, second)):
+            opt.zero_grad()
+            loss = _loss(model, step) * (50 if step == 45 else 1)
+            loss.backward()
+            opt.step(loss=loss.detach(), val_loss=loss.detach())
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    for key, value in first.stats().items():
+        assert torch.equal(value, second.stats()[key]), key
+
+
+def test_a_bad_controller_state_leaves_the_optimizer_unchanged():
+    a, _ = _pair()
+    opt = RefAdamWMiniSF(a.parameters(), total_steps=10)
+    loss = _loss(a, 0)
+    loss.backward()
+    opt.step(loss=loss.detach())
+    good = opt.state_dict()
+    bad = dict(good, ref_controller={**good["ref_controller"], "t": torch.zeros(3)})
+    before = [opt.state[p]["z"].clone() for p in a.parameters()]
+    fresh = RefAdamWMiniSF(a.parameters(), total_steps=10)
+    with pytest.raises(ValueError, match="RefController"):
+        fresh.load_state_dict(bad)
+    assert not fresh.state and fresh.stats()["controller_steps"].item() == 0
+    assert all(torch.equal(z, opt.state[p]["z"]) for z, p in zip(before, a.parameters()))
+
+
+def test_an_adamw_mini_sf_state_dict_is_refused():
+    a, b = _pair()
+    plain = AdamWMiniSF(a.parameters())
+    loss = _loss(a, 0)
+    loss.backward()
+    plain.step()
+    ref = RefAdamWMiniSF(b.parameters())
+    state = plain.state_dict()
+    with pytest.raises(ValueError, match="stats"):  # its groups lack the controller's statistics
+        ref.load_state_dict(state)
+    ref_state = ref.state_dict()
+    del ref_state["ref_config"]
+    with pytest.raises(ValueError, match="ref_config"):
+        ref.load_state_dict(ref_state)
+
+
+def test_ref_max_steps_is_an_alias_of_total_steps():
+    assert RefAdamWMiniSF(torch.nn.Linear(2, 2).parameters(), ref_max_steps=100).total_steps == 100
+    with pytest.raises(ValueError, match="disagree"):
+        RefAdamWMiniSF(torch.nn.Linear(2, 2).parameters(), total_steps=10, ref_max_steps=100)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(ref_alpha=-0.1), ValueError, "ref_alpha"),
+        (dict(ref_alpha=1.5), ValueError, "ref_alpha"),
+        (dict(ref_window=(0.8, 0.2)), ValueError, "ref_window"),
+        (dict(ref_window=(0.2, 1.2)), ValueError, r"ref_window\[1\]"),
+        (dict(ref_window=0.5), TypeError, "ref_window"),
+        (dict(total_steps=0), ValueError, "total_steps"),
+        (dict(total_steps=10.5), ValueError, "total_steps"),
+        (dict(repair="yes"), TypeError, "repair"),
+        (dict(lr=-1.0), ValueError, "lr"),
+    ],
+)
+def test_bad_controller_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        RefAdamWMiniSF(torch.nn.Linear(2, 2).parameters(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(loss="1.0"), TypeError, "loss"),
+        (dict(loss=torch.ones(2)), ValueError, "loss"),
+        (dict(val_loss=[1.0]), TypeError, "val_loss"),
+        (dict(max_steps=0), ValueError, "max_steps"),
+    ],
+)
+def test_bad_signals(kwargs, error, match):
+    opt = RefAdamWMiniSF(torch.nn.Linear(2, 2).parameters())
+    with pytest.raises(error, match=match):
+        opt.step(**kwargs)
+    if "max_steps" not in kwargs:
+        with pytest.raises(error, match=match):
+            opt.observe(**kwargs)
