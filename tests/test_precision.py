@@ -148,3 +148,38 @@ def test_tensor_key_matches_the_tensor_hash():
         word = (seed * 0x27D4EB2F + ordinal) & 0xFFFFFFFF
         word = word - (1 << 32) if word >= 1 << 31 else word
         assert tensor_key(seed, ordinal) == int(_mix32(torch.tensor(word, dtype=torch.int32)))
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_compiled_rounding_kernel_matches_the_eager_one(dtype, monkeypatch):
+    from refadamw import precision
+
+    monkeypatch.setenv("REFADAMW_COMPILE", "1")
+    x = torch.randn(precision.COMPILE_MIN_NUMEL + 5) * 1e-3
+    key = _key(3)
+    assert precision._rounder(dtype, x.numel()) is not precision._EAGER[dtype]
+    assert torch.equal(stochastic_round(x, dtype, key), precision._EAGER[dtype](x, key))
+
+
+def test_a_failing_compiler_falls_back_to_eager_once(monkeypatch, caplog):
+    from refadamw import precision
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setenv("REFADAMW_COMPILE", "1")
+    monkeypatch.setattr(precision, "_compiled", {torch.bfloat16: broken})
+    monkeypatch.setattr(precision, "_compile_failed", False)
+    x = torch.randn(precision.COMPILE_MIN_NUMEL)
+    with caplog.at_level("WARNING", logger="refadamw"):
+        out = stochastic_round(x, torch.bfloat16, _key())
+        stochastic_round(x, torch.bfloat16, _key())
+    assert torch.equal(out, precision._EAGER[torch.bfloat16](x, _key()))
+    assert sum("torch.compile" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_compilation_can_be_switched_off(monkeypatch):
+    from refadamw import precision
+
+    monkeypatch.setenv("REFADAMW_COMPILE", "0")
+    assert precision._rounder(torch.bfloat16, 1 << 30) is precision._EAGER[torch.bfloat16]

@@ -1,0 +1,67 @@
+"""Optimizer memory: state bytes per parameter, and the peak process memory of ``step()``.
+
+Peak memory is read from the kernel's high-water mark of the process's
+resident set (``ru_maxrss``), so each optimizer runs in a fresh subprocess:
+the model and its gradients are allocated first and the mark read, then the
+optimizer is built and stepped, and the growth of the mark is what the
+optimizer cost (its state plus any temporaries its ``step()`` allocates).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+
+import torch
+
+from .measure import linear_stack, state_bytes_per_param
+
+MIB = 1 << 20
+
+
+def _rss_peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def make_optimizer(name: str, params):
+    """The optimizers the memory probe knows, by name."""
+    from .. import AdamWMiniSF, RefAdamWMiniSF
+
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=1e-3, foreach=True)
+    if name == "adamw_fused":
+        return torch.optim.AdamW(params, lr=1e-3, fused=True)
+    if name.startswith("ours_"):  # ours_<state_dtype>
+        return AdamWMiniSF(params, state_dtype=name.removeprefix("ours_"))
+    if name.startswith("ref_"):
+        return RefAdamWMiniSF(params, state_dtype=name.removeprefix("ref_"), total_steps=100)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def probe(name: str, layers: int, width: int, steps: int = 3) -> dict:
+    """Run in this process: peak-RSS growth of building and stepping optimizer ``name``."""
+    torch.set_num_threads(2)
+    model = linear_stack(layers, width)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-2
+    n_params = sum(p.numel() for p in model.parameters())
+    before = _rss_peak_bytes()
+    opt = make_optimizer(name, model.parameters())
+    for _ in range(steps):
+        opt.step()
+    grown = _rss_peak_bytes() - before
+    return {"optimizer": name, "params": n_params, "peak_step_bytes": grown,
+            "peak_step_bytes_per_param": grown / n_params, "state_bytes_per_param": state_bytes_per_param(opt)}
+
+
+def peak_memory(names: list[str], layers: int = 48, width: int = 1024) -> list[dict]:
+    """:func:`probe` for each optimizer, each in its own subprocess (default: about 50M parameters)."""
+    results = []
+    for name in names:
+        code = (f"import json; from refadamw.bench.memory import probe; "
+                f"print(json.dumps(probe({name!r}, {layers}, {width})))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return results
