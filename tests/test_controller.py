@@ -1,6 +1,5 @@
 """The Ref controller as a table: signal → level → action (SPEC.md §3 items 5–6)."""
 
-import contextlib
 import io
 import logging
 import math
@@ -12,26 +11,9 @@ from hypothesis import strategies as st
 
 from refadamw.controller import _STATE, Decision, RefController, _window_bounds
 
+from .test_no_host_sync import host_syncs_forbidden
+
 ONE = torch.tensor(1.0)
-
-
-@contextlib.contextmanager
-def host_syncs_forbidden():
-    """Make every Tensor → Python conversion raise (as in tests/test_no_host_sync.py)."""
-    def forbid(name):
-        def raiser(*args, **kwargs):
-            raise AssertionError(f"Tensor.{name} was called inside the controller: a host sync")
-        return raiser
-
-    names = ["item", "__bool__", "__float__", "__int__", "__index__", "tolist"]
-    saved = {n: getattr(torch.Tensor, n) for n in names}
-    try:
-        for n in names:
-            setattr(torch.Tensor, n, forbid(n))
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(torch.Tensor, n, f)
 
 
 def make(total_steps=100, repair=True, alpha=0.5, window=(0.2, 0.8), **kw):
@@ -153,8 +135,8 @@ def test_losses_between_steps_combine_by_max_and_stale_steps_are_clean():
     for x in (1.0, 3.0, 1.0):
         c.observe(loss=x)
     assert c.decide(ONE).level == 3
-    assert c.decide(ONE).level == 0  # no fresh loss: no level, and never the grad norm again
-    assert c.decide(torch.tensor(1e6)).level == 0
+    assert c.decide(ONE).level == 0  # no fresh loss: the stale spike does not count again
+    assert c.decide(torch.tensor(1e6)).level == 3  # but the gradient norm always does
 
 
 def test_a_non_finite_loss_is_ignored():
@@ -223,12 +205,13 @@ def test_a_clean_noisy_grad_norm_is_rarely_flagged():
     assert c.stats()["flagged_steps"] < 20
 
 
-def test_once_a_loss_is_seen_the_grad_norm_is_not_used():
+def test_a_gradient_spike_is_caught_even_when_the_loss_looks_normal():
     c = make()
     for _ in range(30):
+        c.observe(loss=1.0)
         c.decide(ONE)
     c.observe(loss=1.0)
-    assert c.decide(torch.tensor(1e6)).level == 0
+    assert c.decide(torch.tensor(1e6)).level == 3
 
 
 # -- actions -------------------------------------------------------------------------------------
@@ -288,7 +271,9 @@ class SeedOverfit:
         return self.skip
 
 
-values = st.sampled_from([-1.0, 0.0, 0.5, 1.0, 1.5, 2.0, float("nan")]) | st.floats(-10, 10)
+# float32 values: the controller keeps its history in float32, and a float64 value below float32's
+# range (say −1.9e−126) would compare differently once stored.
+values = st.sampled_from([-1.0, 0.0, 0.5, 1.0, 1.5, 2.0, float("nan")]) | st.floats(-10, 10, width=32)
 steps = st.lists(st.lists(values, max_size=3), min_size=1, max_size=80)
 falling = st.tuples(st.integers(1, 40), st.sampled_from([10.0, 0.0])).map(  # 0.0: all negative
     lambda a: [[a[1] - 0.1 * i] for i in range(a[0])] + [[]] * 25)
@@ -404,7 +389,7 @@ def test_observe_and_decide_never_sync(device):
             c.decide(norm, max_steps=80 if t > 5 else None)
         d = c.decide(torch.tensor(1e3, device=dev))
     assert d.lam.device.type == dev.type
-    assert c.stats()["flagged_steps"] == 1
+    assert c.stats()["flagged_steps"] == 2  # the loss spike at t = 40 and the final ×1000 gradient norm
     c2 = make(device=device)
     with host_syncs_forbidden():
         for t in range(40):

@@ -89,17 +89,27 @@ def test_scripted_decisions_match_the_float64_reference(foreach, schedule_free):
     assert opt.stats()["skipped_steps"].item() == 1
 
 
-def test_pull_of_one_puts_the_iterate_on_the_average():
-    weight = torch.nn.Parameter(torch.randn(32, 32))
+def _force_level_3(opt):
+    """Make the controller answer every step with level 3: pull ρ = 1 and skip."""
+    opt.controller.decide = lambda g, m=None: Decision(torch.tensor(0.0), torch.tensor(1.0), torch.tensor(True),
+                                                       torch.tensor(3))
+
+
+def _trained_weight(shape, steps):
+    weight = torch.nn.Parameter(torch.randn(shape))
     opt = RefAdamWMiniSF([weight], total_steps=100)
-    for _ in range(5):
-        weight.grad = torch.randn(32, 32)
+    for _ in range(steps):
+        weight.grad = torch.randn(shape)
         opt.step()
+    return weight, opt
+
+
+def test_pull_of_one_puts_the_iterate_on_the_average():
+    weight, opt = _trained_weight((32, 32), 5)
     opt.eval()
     average = weight.detach().clone()
     opt.train()
-    opt.controller.decide = lambda g, m=None: Decision(torch.tensor(0.0), torch.tensor(1.0), torch.tensor(True),
-                                                       torch.tensor(3))
+    _force_level_3(opt)
     weight.grad = torch.randn(32, 32) * 1000
     opt.step()
     torch.testing.assert_close(weight.detach(), average)  # y = x
@@ -107,14 +117,9 @@ def test_pull_of_one_puts_the_iterate_on_the_average():
 
 
 def test_non_finite_gradient_is_never_repaired_into_the_weights():
-    weight = torch.nn.Parameter(torch.randn(8, 8))
-    opt = RefAdamWMiniSF([weight], total_steps=100)
-    for _ in range(3):
-        weight.grad = torch.randn(8, 8)
-        opt.step()
+    weight, opt = _trained_weight((8, 8), 3)
     before = weight.detach().clone(), opt.state[weight]["z"].clone()
-    opt.controller.decide = lambda g, m=None: Decision(torch.tensor(0.0), torch.tensor(1.0), torch.tensor(True),
-                                                       torch.tensor(3))
+    _force_level_3(opt)
     weight.grad = torch.full((8, 8), float("nan"))
     opt.step()
     assert torch.equal(weight, before[0]) and torch.equal(opt.state[weight]["z"], before[1])

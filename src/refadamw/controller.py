@@ -9,8 +9,13 @@ Signals and levels (step ``t`` counts ``decide()`` calls from 1):
 
 | signal | statistic | level 1 / 2 / 3 when |
 |---|---|---|
-| ``loss`` ℓ (once any is fed) | ``r = 1 + (ℓ−ē)/|ē|`` (ℓ/ē if ē > 0) | ``r >`` 1.2 / 1.5 / 2.0, ``ℓ−ē > k·σ`` |
-| ``grad_norm`` n (no loss yet) | ``z = (log n − ē)/max(σ, σ_min)`` | ``z >`` 4 / 6 / 9 |
+| ``loss`` ℓ (when fed) | ``r = 1 + (ℓ−ē)/|ē|`` (ℓ/ē if ē > 0) | ``r >`` 1.2 / 1.5 / 2.0, ``ℓ−ē > k·σ`` |
+| ``grad_norm`` n (always) | ``z = (log n − ē)/max(σ, σ_min)`` | ``z >`` 4 / 6 / 9 |
+
+The step's level is the larger of the two, so trainers that never pass a loss
+still get repair, and a gradient spike is caught even when the loss it came
+with looked normal (a fed loss does not replace the gradient-norm signal; in
+a ×1000 gradient-spike test it would otherwise go unnoticed).
 | ``val_loss`` | last four strictly rising | *overfit*: suspend injection |
 
 ē and σ are the signal's own running mean and deviation, not the previous
@@ -262,12 +267,14 @@ class RefController:
         s["suspended"] = (s["suspended"] & ~cleared) | overfit
         s["improve_run"] = torch.where(cleared, 0, run)
 
-        # 2. divergence level: the loss's if one was ever fed, else the log grad norm's z-score
+        # 2. divergence level: the larger of the loss's and the log grad norm's z-score's
         log_g = g.log()
         ema = s["gnorm_ema"]
         z = (log_g - ema) / s["gnorm_var"].sqrt().clamp(min=self.gnorm_min_std)
         g_level = self._detect("gnorm", log_g, z, torch.ones_like(s["loss_seen"]), self.gnorm_z)
-        level = torch.where(s["loss_seen"], s["loss_pending"], g_level)
+        # Both signals count: a fed loss does not reveal a gradient spike that leaves the loss alone
+        # (an overflowing fp16 batch, say), and the gradient norm alone misses a loss that creeps up.
+        level = torch.maximum(s["loss_pending"], g_level)
         s["loss_pending"] = torch.zeros_like(level)
 
         # 3. actions

@@ -1,4 +1,4 @@
-"""Command line: ``refadamw demo`` (also ``python -m refadamw demo``)."""
+"""Command line: ``refadamw demo`` and ``refadamw bench`` (also ``python -m refadamw ...``)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,16 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", default=None, help="folder for demo.json and demo.md")
     demo.add_argument("--readme", default=None, help="rewrite the results block of this README")
     demo.add_argument("--sweep", action="store_true", help="run the defaults sweep instead (a few minutes)")
+    bench = sub.add_parser("bench", help="run a benchmark suite on the embedded workloads")
+    bench.add_argument("--suite", choices=["precision", "controller"], required=True)
+    bench.add_argument("--quick", action="store_true", help="small models and short runs (a few minutes)")
+    bench.add_argument("--seeds", type=int, default=2, help="seeds per configuration (default 2)")
+    bench.add_argument("--workloads", default="shakespeare,fashion_mnist,friedman",
+                       help="comma-separated workloads (default: all three)")
+    bench.add_argument("--out", default=None, help="folder for <suite>.json and <suite>.md")
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return _bench(parser, args)
     if args.steps < 1:
         parser.error("--steps must be >= 1")
     if args.seeds < 1:
@@ -28,6 +37,28 @@ def main(argv: list[str] | None = None) -> int:
     from . import demo as demo_module
 
     demo_module.run(steps=args.steps, seeds=tuple(range(args.seeds)), out=args.out, readme=args.readme)
+    return 0
+
+
+def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from . import runner, suites
+
+    workloads = tuple(w for w in args.workloads.split(",") if w)
+    unknown = [w for w in workloads if w not in runner.WORKLOADS]
+    if unknown or not workloads:
+        parser.error(f"--workloads: unknown {unknown}; choose from {', '.join(runner.WORKLOADS)}")
+    if args.seeds < 1:
+        parser.error("--seeds must be >= 1")
+    data, report = suites.run(args.suite, args.quick, tuple(range(args.seeds)), workloads)
+    print(report)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{args.suite}.json").write_text(json.dumps(data, indent=1))
+        (out / f"{args.suite}.md").write_text(report + "\n")
     return 0
 
 

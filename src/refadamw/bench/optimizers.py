@@ -1,0 +1,56 @@
+"""The optimizers the benchmark compares, by name, as ``(make_optimizer, schedule)`` pairs.
+
+``make_optimizer(model)`` builds the optimizer; ``schedule(optimizer, steps)``
+returns an lr scheduler or None. Peers that are not installed raise
+:class:`MissingPeer`, which the suites report as a skip.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from .. import AdamWMiniSF, RefAdamWMiniSF
+
+WARMUP_FRACTION = 0.05
+"""AdamW+cosine warms up over this share of the run (and ``schedulefree`` likewise)."""
+
+
+class MissingPeer(RuntimeError):
+    """A peer optimizer's package is not installed."""
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int):
+    warmup = max(1, int(WARMUP_FRACTION * steps))
+
+    def factor(step: int) -> float:
+        return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build(name: str, lr: float | None, steps: int, **options) -> tuple[Callable, Callable | None]:
+    """``(make_optimizer, schedule)`` for optimizer ``name`` at peak lr ``lr`` (None: its default).
+
+    ``options`` go to our optimizers' constructors (e.g. ``state_dtype``,
+    ``ref_alpha``, ``repair``).
+    """
+    lr_kw = {} if lr is None else {"lr": lr}
+    if name == "refadamw":
+        return (lambda model: RefAdamWMiniSF(model.parameters(), total_steps=steps, **lr_kw, **options)), None
+    if name == "adamw_mini_sf":
+        return (lambda model: AdamWMiniSF(model.parameters(), **lr_kw, **options)), None
+    if name in ("adamw_cosine", "adamw_constant"):
+        schedule = warmup_cosine if name == "adamw_cosine" else None
+        return (lambda model: torch.optim.AdamW(model.parameters(), lr=lr or 1e-3, weight_decay=0.0)), schedule
+    if name == "schedulefree":
+        try:
+            import schedulefree
+        except ImportError as err:
+            raise MissingPeer("schedulefree is not installed (pip install schedulefree)") from err
+        warmup = max(1, int(WARMUP_FRACTION * steps))
+        return (lambda model: schedulefree.AdamWScheduleFree(model.parameters(), lr=lr or 2.5e-3,
+                                                             warmup_steps=warmup)), None
+    raise ValueError(f"unknown optimizer {name!r}")

@@ -1,0 +1,221 @@
+"""Benchmark suites behind ``refadamw bench --suite``: each returns a JSON-able dict and a Markdown report.
+
+* ``precision`` (SPEC.md §3.7): state bytes per parameter per ``state_dtype``,
+  final validation loss with fp32 against bf16 ``z``, the ``step()`` cost of
+  stochastic rounding, and peak process memory of ``step()`` against AdamW.
+* ``controller`` (SPEC.md §3.5–6): recovery from a ×1000 gradient spike,
+  false alarms on clean runs, and the λ × window sweep.
+
+Every optimizer runs at the best lr of a small grid (seed 0, reported), then
+over all seeds at that lr. Quality runs use one thread; timings use two.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from . import runner
+from .memory import peak_memory
+from .measure import linear_stack, state_bytes_per_param, step_times
+from .optimizers import MissingPeer, build
+
+LR_GRIDS = {"refadamw": (3e-3, 1e-2, 2e-2), "schedulefree": (3e-3, 1e-2, 2e-2), "adamw_cosine": (1e-3, 3e-3, 1e-2)}
+SPIKE_FACTOR, SPIKE_STEPS = 1000.0, 3
+LAMBDAS = (0.0, 0.001, 0.01, 0.05, 0.2, 0.5)
+WINDOWS = ((0.2, 0.8), (0.5, 1.0))
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.mean(finite) if len(finite) == len(values) else float("nan")
+
+
+def _spread(values: list[float]) -> float:
+    return statistics.pstdev(values) if all(math.isfinite(v) for v in values) else float("nan")
+
+
+class Bench:
+    """Runs (workload, optimizer, lr, options, seed) and remembers the best lr per (workload, optimizer)."""
+
+    def __init__(self, quick: bool, seeds: tuple[int, ...], log: Callable[[str], None] = print):
+        self.quick, self.seeds, self.log = quick, seeds, log
+        self.best_lr: dict[tuple[str, str], float] = {}
+        self.grid: dict[str, dict] = {}
+
+    def run(self, workload: str, name: str, lr: float, seed: int, *, spike=None, feed_loss=False, **options):
+        task = runner.make_task(workload, seed, self.quick)
+        make, schedule = build(name, lr, task.steps, **options)
+        built = []
+
+        def make_and_keep(model):
+            built.append(make(model))
+            return built[-1]
+
+        result = runner.train(task, make_and_keep, schedule=schedule, eval_every=0, spike=spike, feed_loss=feed_loss)
+        return result, built[0], task.steps
+
+    def lr_for(self, workload: str, name: str, **options) -> float:
+        key = (workload, name)
+        if key not in self.best_lr:
+            losses = {lr: self.run(workload, name, lr, self.seeds[0], **options)[0].final_val_loss
+                      for lr in LR_GRIDS[name]}
+            finite = {lr: v for lr, v in losses.items() if math.isfinite(v)}
+            self.best_lr[key] = min(finite, key=finite.get) if finite else LR_GRIDS[name][0]
+            self.grid[f"{workload}/{name}"] = {str(lr): v for lr, v in losses.items()}
+            self.log(f"  {workload:14s} {name:14s} lr grid {losses} -> {self.best_lr[key]:g}")
+        return self.best_lr[key]
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    def cell(v):
+        if isinstance(v, float):
+            return "NaN" if not math.isfinite(v) else f"{v:.4g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- precision
+
+def precision(bench: Bench, workloads: tuple[str, ...]) -> tuple[dict, str]:
+    out: dict = {"bytes_per_param": {}, "quality": [], "step_time": {}, "peak_memory": []}
+    model = linear_stack(4, 512)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    from .. import AdamWMiniSF
+
+    for setting in ("fp32", "bf16", "fp16"):
+        opt = AdamWMiniSF(model.parameters(), state_dtype=setting)
+        opt.step()
+        out["bytes_per_param"][setting] = state_bytes_per_param(opt)
+    bench.log("precision: quality of fp32 against bf16 state")
+    for workload in workloads:
+        lr = bench.lr_for(workload, "refadamw", state_dtype="fp32")
+        row = {"workload": workload, "lr": lr}
+        for setting in ("fp32", "bf16"):
+            losses = [bench.run(workload, "refadamw", lr, s, state_dtype=setting)[0].final_val_loss
+                      for s in bench.seeds]
+            row[setting] = losses
+        row["ratio_bf16_vs_fp32"] = _mean(row["bf16"]) / _mean(row["fp32"])
+        out["quality"].append(row)
+        bench.log(f"  {workload}: fp32 {_mean(row['fp32']):.5g}  bf16 {_mean(row['bf16']):.5g}")
+
+    torch.set_num_threads(2)
+    layers, width = (4, 512) if bench.quick else (24, 1024)
+    makers = {
+        "adamw_fused": lambda p: torch.optim.AdamW(p, lr=1e-3, fused=True),
+        "ours_fp32": lambda p: AdamWMiniSF(p, state_dtype="fp32"),
+        "ours_bf16": lambda p: AdamWMiniSF(p, state_dtype="bf16"),
+    }
+    times = step_times(makers, layers=layers, width=width, rounds=9, steps_per_round=3)
+    base = times["adamw_fused"]["median_s"]
+    out["step_time"] = {name: {"ratio_vs_adamw_fused": t["median_s"] / base,
+                               "ns_per_param": t["median_s"] * 1e9 / t["params"], "params": t["params"]}
+                        for name, t in times.items()}
+    torch.set_num_threads(1)
+    mem_layers = 12 if bench.quick else 48
+    bench.log(f"precision: peak memory of step() on {mem_layers}x Linear(1024, 1024)")
+    out["peak_memory"] = peak_memory(["adamw_fused", "adamw", "ours_fp32", "ours_bf16"], layers=mem_layers)
+
+    n = len(bench.seeds)
+    report = ["### State precision", "", "State bytes per parameter, 4×Linear(512, 512):", "",
+              _table(["state_dtype", "bytes/param"], [[k, v] for k, v in out["bytes_per_param"].items()]), "",
+              f"Final validation loss, mean of {n} seed(s), at the best lr of RefAdamWMiniSF with fp32 state:", "",
+              _table(["workload", "lr", "fp32 state", "bf16 state", "bf16 / fp32"],
+                     [[r["workload"], r["lr"], _mean(r["fp32"]), _mean(r["bf16"]), r["ratio_bf16_vs_fp32"]]
+                      for r in out["quality"]]), "",
+              f"`step()` time, {layers}×Linear({width}, {width}), 2 threads, median:", "",
+              _table(["optimizer", "× AdamW fused", "ns/param"],
+                     [[k, v["ratio_vs_adamw_fused"], v["ns_per_param"]] for k, v in out["step_time"].items()]), "",
+              "Peak process memory added by building the optimizer and running 3 steps:", "",
+              _table(["optimizer", "params", "MiB", "bytes/param", "state bytes/param"],
+                     [[r["optimizer"], r["params"], r["peak_step_bytes"] / 2**20, r["peak_step_bytes_per_param"],
+                       r["state_bytes_per_param"]] for r in out["peak_memory"]])]
+    return out, "\n".join(report)
+
+
+# ----------------------------------------------------------------------------- controller
+
+def controller(bench: Bench, workloads: tuple[str, ...]) -> tuple[dict, str]:
+    out: dict = {"spike": [], "false_alarms": [], "lambda_sweep": []}
+    bench.log("controller: spike recovery")
+    contenders = [("refadamw", {}, False, "refadamw (plain step)"), ("refadamw", {}, True, "refadamw (loss fed)"),
+                  ("schedulefree", {}, False, "schedulefree"), ("adamw_cosine", {}, False, "adamw_cosine")]
+    for workload in workloads:
+        for name, options, feed, label in contenders:
+            try:
+                lr = bench.lr_for(workload, name)
+            except MissingPeer as err:
+                bench.log(f"  skipped {label}: {err}")
+                continue
+            clean, spiked, flagged, repair_off = [], [], [], []
+            for seed in bench.seeds:
+                result, opt, steps = bench.run(workload, name, lr, seed, feed_loss=feed, **options)
+                clean.append(result.final_val_loss)
+                if name == "refadamw":
+                    flagged.append(opt.stats()["flagged_steps"].item() / steps)
+                    if not feed:
+                        repair_off.append(bench.run(workload, name, lr, seed, repair=False)[0].final_val_loss)
+                spike = (steps // 2, SPIKE_STEPS, SPIKE_FACTOR)
+                spiked.append(bench.run(workload, name, lr, seed, spike=spike, feed_loss=feed, **options)[0]
+                              .final_val_loss)
+            row = {"workload": workload, "optimizer": label, "lr": lr, "clean": clean, "spiked": spiked,
+                   "ratio": _mean(spiked) / _mean(clean), "nan_runs": sum(not math.isfinite(v) for v in spiked)}
+            out["spike"].append(row)
+            bench.log(f"  {workload} {label}: clean {_mean(clean):.5g} spiked {_mean(spiked):.5g}")
+            if flagged:
+                out["false_alarms"].append({"workload": workload, "optimizer": label, "flagged_fraction": flagged,
+                                            "repair_on": clean, "repair_off": repair_off})
+    bench.log("controller: lambda x window sweep")
+    for workload in workloads:
+        lr = bench.lr_for(workload, "refadamw")
+        for window in WINDOWS:
+            for lam in LAMBDAS:
+                losses = [bench.run(workload, "refadamw", lr, s, ref_alpha=lam, ref_window=window)[0].final_val_loss
+                          for s in bench.seeds]
+                out["lambda_sweep"].append({"workload": workload, "lr": lr, "window": list(window), "lambda": lam,
+                                            "losses": losses})
+        bench.log(f"  {workload} done")
+
+    n = len(bench.seeds)
+    spike_rows = [[r["workload"], r["optimizer"], r["lr"], _mean(r["clean"]), _mean(r["spiked"]), r["ratio"],
+                   r["nan_runs"]] for r in out["spike"]]
+    alarm_rows = [[r["workload"], r["optimizer"], f"{100 * statistics.mean(r['flagged_fraction']):.2f}%",
+                   _mean(r["repair_on"]), _mean(r["repair_off"]) if r["repair_off"] else "-"]
+                  for r in out["false_alarms"]]
+    sweep_header = ["workload", "window"] + [f"λ={lam:g}" for lam in LAMBDAS]
+    sweep_rows = []
+    for workload in workloads:
+        for window in WINDOWS:
+            cells = [_mean(r["losses"]) for r in out["lambda_sweep"]
+                     if r["workload"] == workload and tuple(r["window"]) == window]
+            sweep_rows.append([workload, f"{window[0]:g}–{window[1]:g}"] + cells)
+    report = ["### Ref controller", "",
+              f"Spike recovery: gradients ×{SPIKE_FACTOR:g} for {SPIKE_STEPS} steps at 50% of training; "
+              f"final validation loss, mean of {n} seed(s):", "",
+              _table(["workload", "optimizer", "lr", "clean", "spiked", "spiked / clean", "NaN runs"], spike_rows),
+              "", "False alarms on clean runs (steps flagged), and the final loss with repair on and off:", "",
+              _table(["workload", "optimizer", "steps flagged", "repair on", "repair off"], alarm_rows), "",
+              f"λ × window sweep (RefAdamWMiniSF at its best lr), final validation loss, mean of {n} seed(s):", "",
+              _table(sweep_header, sweep_rows)]
+    return out, "\n".join(report)
+
+
+SUITES = {"precision": precision, "controller": controller}
+
+
+def run(suite: str, quick: bool, seeds: tuple[int, ...], workloads: tuple[str, ...]) -> tuple[dict, str]:
+    torch.set_num_threads(1)
+    bench = Bench(quick, seeds)
+    start = time.perf_counter()
+    data, report = SUITES[suite](bench, workloads)
+    data.update(suite=suite, quick=quick, seeds=list(seeds), workloads=list(workloads), lr_grid=bench.grid,
+                seconds=time.perf_counter() - start)
+    return data, report

@@ -1,0 +1,58 @@
+"""``refadamw bench --suite``: the precision and controller suites, shrunk to run in seconds."""
+
+import json
+
+import pytest
+
+from refadamw.bench import cli, memory, optimizers, suites
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    """One lr per optimizer, two λ, one window, a small memory probe."""
+    monkeypatch.setattr(suites, "LR_GRIDS", {"refadamw": (2e-2,), "schedulefree": (1e-2,), "adamw_cosine": (1e-2,)})
+    monkeypatch.setattr(suites, "LAMBDAS", (0.0, 0.05))
+    monkeypatch.setattr(suites, "WINDOWS", ((0.2, 0.8),))
+    real = suites.peak_memory
+    monkeypatch.setattr(suites, "peak_memory", lambda names, layers: real(names[:2], layers=1, width=256))
+
+
+def test_controller_suite_reports_spikes_alarms_and_the_sweep(tiny, tmp_path, capsys):
+    assert cli.main(["bench", "--suite", "controller", "--quick", "--seeds", "1", "--workloads", "friedman",
+                     "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "controller.json").read_text())
+    labels = {row["optimizer"] for row in data["spike"]}
+    assert {"refadamw (plain step)", "refadamw (loss fed)", "adamw_cosine"} <= labels
+    for row in data["spike"]:
+        assert len(row["clean"]) == len(row["spiked"]) == 1
+    assert {r["lambda"] for r in data["lambda_sweep"]} == {0.0, 0.05}
+    assert all(0 <= f <= 1 for r in data["false_alarms"] for f in r["flagged_fraction"])
+    report = (tmp_path / "controller.md").read_text()
+    assert "Spike recovery" in report and "| friedman |" in report
+    assert "λ=0.05" in capsys.readouterr().out
+
+
+def test_precision_suite_reports_bytes_quality_time_and_memory(tiny, tmp_path):
+    assert cli.main(["bench", "--suite", "precision", "--quick", "--seeds", "1", "--workloads", "friedman",
+                     "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "precision.json").read_text())
+    assert data["bytes_per_param"]["bf16"] < 2.1 < data["bytes_per_param"]["fp32"]
+    assert data["quality"][0]["workload"] == "friedman" and data["quality"][0]["ratio_bf16_vs_fp32"] > 0
+    assert data["step_time"]["adamw_fused"]["ratio_vs_adamw_fused"] == 1.0
+    assert [r["optimizer"] for r in data["peak_memory"]] == ["adamw_fused", "adamw"]
+
+
+def test_peak_memory_probe_sees_the_optimizer_state():
+    fp32, bf16 = memory.peak_memory(["ours_fp32", "ours_bf16"], layers=2, width=1024)
+    assert fp32["state_bytes_per_param"] > 3.9 and bf16["state_bytes_per_param"] < 2.1
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        memory.make_optimizer("sgd", [])
+
+
+def test_unknown_optimizer_and_bad_bench_arguments():
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        optimizers.build("sgd", 1e-3, 10)
+    for argv in (["bench"], ["bench", "--suite", "nope"], ["bench", "--suite", "precision", "--seeds", "0"],
+                 ["bench", "--suite", "precision", "--workloads", "mnist"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
