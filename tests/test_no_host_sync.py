@@ -5,7 +5,7 @@ import contextlib
 import pytest
 import torch
 
-from refadamw import AdamWMiniSF, RefAdamWMiniSF
+from refadamw import AdamWMiniSF, RefAdamWMiniSF, precision
 
 
 @contextlib.contextmanager
@@ -42,6 +42,10 @@ def test_step_never_syncs(device, foreach, schedule_free, state_dtype, cls):
         foreach=foreach, schedule_free=schedule_free, warmup_steps=2, auto_lr=True, state_dtype=state_dtype,
     )
     x = torch.randn(16, 8, device=device)
+    # Compiling the rounding kernel traces it, and tracing reads tensor values: compile before the guard,
+    # so the guard checks what every later step runs.
+    for dtype in precision.LOW_PRECISION:
+        precision.stochastic_round(torch.randn(8, device=device), dtype, torch.tensor(1, dtype=torch.int32, device=device))
     for step in range(4):
         opt.zero_grad()
         loss = model(x).pow(2).mean()
@@ -57,3 +61,4 @@ def test_step_never_syncs(device, foreach, schedule_free, state_dtype, cls):
     with host_syncs_forbidden():  # the mode switch rounds stochastically too
         opt.eval()
         opt.train()
+    assert not precision._compile_failed

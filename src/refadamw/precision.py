@@ -162,14 +162,15 @@ _FP16_MIN_NORMAL = 2.0**-14
 _FP16_SUBNORMAL_ULP = 2.0**-24
 
 
+# The two kernels take and return flat tensors, so one compiled graph per dtype serves every shape.
 def _round_bf16(src: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    bits = random_bits(src.numel(), key).view(src.shape)
+    bits = random_bits(src.numel(), key)
     mask = (1 << _BF16_DROPPED) - 1
     return ((src.view(torch.int32) + (bits & mask)) & ~mask).view(torch.float32).to(torch.bfloat16)
 
 
 def _round_fp16(src: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    bits = random_bits(src.numel(), key).view(src.shape)
+    bits = random_bits(src.numel(), key)
     mask = (1 << _FP16_DROPPED) - 1
     normal = ((src.view(torch.int32) + (bits & mask)) & ~mask).view(torch.float32)
     uniform = (bits >> _FP16_DROPPED & 0x3FFF).float() * 2.0**-14
@@ -179,14 +180,18 @@ def _round_fp16(src: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
 
 _EAGER = {torch.bfloat16: _round_bf16, torch.float16: _round_fp16}
 
-COMPILE_MIN_NUMEL = 1 << 16
+COMPILE_MIN_NUMEL = 2
 """Tensors this large are rounded by a ``torch.compile``-generated single-pass kernel.
 
 In eager mode the hash and the rounding are about 20 separate tensor passes,
 which made a bf16-state step over 10× slower than an fp32 one on CPU; the
-compiled kernel does all of it in one loop. Set ``REFADAMW_COMPILE=0`` to
-stay eager; if compiling fails (no C++ compiler, say) it warns once and
-stays eager. Both give bit-identical results.
+compiled kernel does all of it in one loop, and its call overhead is below
+the eager kernel's even for a 256-element tensor. (Sizes 0 and 1 stay eager:
+dynamic-shape graphs specialise on them.) The graph runs single-threaded:
+inductor's OpenMP pool and ATen's compete for the same cores otherwise, which
+measured slower overall. Set ``REFADAMW_COMPILE=0`` to stay eager; if
+compiling fails (no C++ compiler, say) it warns once and stays eager. Both
+give bit-identical results.
 """
 
 _compiled: dict[torch.dtype, object] = {}
@@ -216,17 +221,19 @@ def stochastic_round(src: torch.Tensor, dtype: torch.dtype, key: torch.Tensor) -
         raise ValueError(f"stochastic rounding targets bf16 or fp16, not {dtype}")
     if src.dtype != torch.float32:
         src = src.float()
-    src = src.contiguous()
-    rounder = _rounder(dtype, src.numel())
-    if rounder is _EAGER[dtype]:
-        return rounder(src, key)
+    # detach(): a view of another tensor would make the compiled graph guard on that base's shape
+    flat = src.contiguous().view(-1).detach()
+    rounder = _rounder(dtype, flat.numel())
     try:
-        return rounder(src, key)
+        with torch.no_grad():  # one grad mode, so the compiled graph is never rebuilt for the other
+            return rounder(flat, key).view(src.shape)
     except Exception as err:  # noqa: BLE001 - any compiler failure falls back to the eager kernel
+        if rounder is _EAGER[dtype]:
+            raise
         _compile_failed = True
         logger.warning("refadamw: torch.compile of the stochastic-rounding kernel failed (%s: %s); "
                        "using the slower eager kernel", type(err).__name__, err)
-        return _EAGER[dtype](src, key)
+        return _EAGER[dtype](flat, key).view(src.shape)
 
 
 def write_back(dst: torch.Tensor, src: torch.Tensor, key: torch.Tensor | None) -> None:
