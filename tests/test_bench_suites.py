@@ -18,8 +18,11 @@ def tiny(monkeypatch):
 
 
 def test_controller_suite_reports_spikes_alarms_and_the_sweep(tiny, tmp_path, capsys):
+    doc = tmp_path / "controller_doc.md"
+    doc.write_text("before\n<!-- controller:start -->\nold\n<!-- controller:end -->\nafter\n")
     assert cli.main(["bench", "--suite", "controller", "--quick", "--seeds", "1", "--workloads", "friedman",
-                     "--out", str(tmp_path)]) == 0
+                     "--out", str(tmp_path), "--doc", str(doc)]) == 0
+    assert "old" not in doc.read_text() and "Spike recovery" in doc.read_text()
     data = json.loads((tmp_path / "controller.json").read_text())
     labels = {row["optimizer"] for row in data["spike"]}
     assert {"refadamw (plain step)", "refadamw (loss fed)", "adamw_cosine"} <= labels

@@ -27,7 +27,7 @@ def test_matches_schedulefree_adamw_with_mini_and_auto_lr_off():
     model_b = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.Tanh(), torch.nn.Linear(64, 2))
     model_b.load_state_dict(model_a.state_dict())
     kwargs = dict(lr=3e-2, betas=(0.9, 0.99), weight_decay=0.05, warmup_steps=5)
-    ours = AdamWMiniSF(model_a.parameters(), mini=False, auto_lr=False, **kwargs)
+    ours = AdamWMiniSF(model_a.parameters(), mini=False, auto_lr=False, state_dtype="fp32", **kwargs)
     ref = schedulefree.AdamWScheduleFree(model_b.parameters(), **kwargs)
     ref.train()
     gen = torch.Generator().manual_seed(3)

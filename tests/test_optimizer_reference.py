@@ -40,7 +40,7 @@ def _grad_for(step: int, group: int, index: int, shape, gen) -> torch.Tensor | N
     return torch.randn(shape, generator=gen, dtype=torch.float64) * scale
 
 
-def run_against_reference(device, dtype, foreach, schedule_free, groups, nan_step=None, state_dtype="auto"):
+def run_against_reference(device, dtype, foreach, schedule_free, groups, nan_step=None, state_dtype=None):
     gen = torch.Generator().manual_seed(1)
     ours_groups, spec_groups, tensors = [], [], []
     for g in groups:
@@ -50,6 +50,7 @@ def run_against_reference(device, dtype, foreach, schedule_free, groups, nan_ste
         tensors.append(params)
         spec_groups.append((hp, [SpecParam(y=p.detach().to("cpu", torch.float64).clone()) for p in params]))
         ours_groups.append({"params": params, **_options(hp)})
+    state_dtype = state_dtype or ("auto" if dtype == torch.float64 else "fp32")  # full-precision state
     opt = AdamWMiniSF(ours_groups, foreach=foreach, state_dtype=state_dtype)
     tol = _tolerance(dtype, state_dtype)
 

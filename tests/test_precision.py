@@ -135,6 +135,8 @@ def test_stochastic_round_rejects_other_targets():
 
 def test_storage_dtypes():
     assert resolve_state_dtype("auto", torch.float64) == torch.float64
+    for param_dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert resolve_state_dtype("auto", param_dtype) == torch.bfloat16
     assert resolve_state_dtype("bf16", torch.float64) == torch.bfloat16
     assert second_moment_dtype(torch.float16) == torch.float32  # v is never fp16
     assert second_moment_dtype(torch.bfloat16) == torch.bfloat16

@@ -97,7 +97,7 @@ def _force_level_3(opt):
 
 def _trained_weight(shape, steps):
     weight = torch.nn.Parameter(torch.randn(shape))
-    opt = RefAdamWMiniSF([weight], total_steps=100)
+    opt = RefAdamWMiniSF([weight], total_steps=100, state_dtype="fp32")  # exact comparisons below
     for _ in range(steps):
         weight.grad = torch.randn(shape)
         opt.step()

@@ -117,10 +117,11 @@ class AdamWMiniSF(torch.optim.Optimizer):
         mini: block-wise second moment; ``False`` for per-element ``v``.
         block_rows: dim-0 slices per second-moment block (e.g. rows per head).
         schedule_free: ``False`` gives AdamW-mini with momentum, for ablations.
-        state_dtype: storage dtype of ``z`` (or the momentum): ``"auto"``,
-            ``"fp32"``, ``"bf16"``, ``"fp16"`` or a ``torch.dtype``. ``v`` is
-            stored in the same dtype, except that it is never fp16. Writes into
-            bf16/fp16 (state or parameters) are stochastically rounded.
+        state_dtype: storage dtype of ``z`` (or the momentum): ``"auto"``
+            (bf16; fp64 for fp64 parameters), ``"fp32"``, ``"bf16"``,
+            ``"fp16"`` or a ``torch.dtype``. ``v`` is stored in the same dtype,
+            except that it is never fp16. Writes into bf16/fp16 (state or
+            parameters) are stochastically rounded (docs/precision.md).
         foreach: use the multi-tensor path (default) or the per-tensor one.
         seed: seed of the stochastic-rounding noise (a counter-based hash, so
             a resumed run replays the same noise; the per-tensor key lives in

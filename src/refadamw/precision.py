@@ -77,10 +77,14 @@ def parse_state_dtype(value: object) -> torch.dtype | str:
 def resolve_state_dtype(requested: object, param_dtype: torch.dtype) -> torch.dtype:
     """The storage dtype of ``z`` (or the momentum) for a parameter of ``param_dtype``.
 
-    ``"auto"`` means the compute dtype (fp32; fp64 for fp64 parameters).
+    ``"auto"`` means bf16, except fp64 for fp64 parameters: on the benchmark
+    workloads bf16 state with stochastic rounding matched fp32 state
+    (docs/precision.md), at half the memory.
     """
     dtype = parse_state_dtype(requested)
-    return compute_dtype(param_dtype) if dtype == AUTO else dtype
+    if dtype == AUTO:
+        return torch.float64 if param_dtype == torch.float64 else torch.bfloat16
+    return dtype
 
 
 def second_moment_dtype(storage: torch.dtype) -> torch.dtype:

@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--workloads", default="shakespeare,fashion_mnist,friedman",
                        help="comma-separated workloads (default: all three)")
     bench.add_argument("--out", default=None, help="folder for <suite>.json and <suite>.md")
+    bench.add_argument("--doc", default=None,
+                       help="rewrite the <!-- <suite>:start/end --> block of this Markdown file with the report")
     args = parser.parse_args(argv)
     if args.command == "bench":
         return _bench(parser, args)
@@ -59,6 +61,10 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{args.suite}.json").write_text(json.dumps(data, indent=1))
         (out / f"{args.suite}.md").write_text(report + "\n")
+    if args.doc:
+        from .demo import replace_block
+
+        replace_block(args.doc, args.suite, report)
     return 0
 
 

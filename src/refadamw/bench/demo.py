@@ -51,17 +51,22 @@ def _train_mode(opt):
     return opt
 
 
-README_START, README_END = "<!-- demo:start -->", "<!-- demo:end -->"
+
+
+def replace_block(path: str, name: str, text: str) -> None:
+    """Replace the block between ``<!-- name:start -->`` and ``<!-- name:end -->`` in ``path``."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    content = Path(path).read_text()
+    if start not in content or end not in content:
+        raise ValueError(f"{path} has no {start} ... {end} block to update")
+    head, rest = content.split(start, 1)
+    _, tail = rest.split(end, 1)
+    Path(path).write_text(f"{head}{start}\n{text.strip()}\n{end}{tail}")
 
 
 def update_readme(path: str, table: str) -> None:
     """Replace the block between the demo markers in ``path`` with ``table``."""
-    text = Path(path).read_text()
-    if README_START not in text or README_END not in text:
-        raise ValueError(f"{path} has no {README_START} ... {README_END} block to update")
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    Path(path).write_text(f"{head}{README_START}\n{table.strip()}\n{README_END}{tail}")
+    replace_block(path, "demo", table)
 
 
 def run(steps: int = 300, seeds: tuple[int, ...] = SEEDS, out: str | None = None, readme: str | None = None) -> dict:
