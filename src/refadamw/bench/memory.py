@@ -10,6 +10,7 @@ temporaries its ``step()`` allocates).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import resource
 import subprocess
@@ -39,7 +40,16 @@ def _rss_peak_bytes() -> int:
 
 
 def _reset_rss_peak() -> None:
-    """Set the high-water mark to the current resident set (Linux ≥ 4.0), so setup's peaks do not count."""
+    """Set the high-water mark to the current resident set (Linux ≥ 4.0), so setup's peaks do not count.
+
+    Freed heap memory first goes back to the OS (glibc's ``malloc_trim``):
+    otherwise the optimizer's allocations would reuse pages that setup's
+    temporaries left resident, and its growth would read too low.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as clear:
             clear.write("5")
