@@ -45,6 +45,16 @@ def test_precision_suite_reports_bytes_quality_time_and_memory(tiny, tmp_path):
     assert [r["optimizer"] for r in data["peak_memory"]] == ["adamw_fused", "adamw"]
 
 
+def test_ladder_suite_compares_repair_ladders(tiny, monkeypatch, tmp_path):
+    monkeypatch.setattr(suites, "LADDERS", ((0.0, 0.3, 0.5, 1.0), (0.0, 0.0, 0.0, 0.0)))
+    monkeypatch.setattr(suites, "LADDER_SPIKES", (None, 1000.0))
+    assert cli.main(["bench", "--suite", "ladder", "--quick", "--seeds", "1", "--workloads", "friedman",
+                     "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "ladder.json").read_text())["ladder"]
+    assert [r["ladder"] for r in rows] == [[0.0, 0.3, 0.5, 1.0], [0.0, 0.0, 0.0, 0.0]]
+    assert all(len(r["clean"]) == len(r["x1000"]) == 1 for r in rows)
+
+
 def test_peak_memory_probe_sees_the_optimizer_state():
     fp32, bf16 = memory.peak_memory(["ours_fp32", "ours_bf16"], layers=2, width=1024)
     assert fp32["state_bytes_per_param"] > 3.9 and bf16["state_bytes_per_param"] < 2.1

@@ -92,7 +92,7 @@ def test_loss_levels_against_the_ema():
     assert [x.level.item() for x in d] == [1, 0, 2, 0, 3, 0]
     # actions: no injection while diverging, the ladder, skip only at level 3
     assert [x.lam.item() for x in d] == [0, 0.5, 0, 0.5, 0, 0.5]
-    assert [round(x.pull.item(), 6) for x in d] == [0.6, 0, 0.8, 0, 1.0, 0]
+    assert [round(x.pull.item(), 6) for x in d] == [0.3, 0, 0.5, 0, 1.0, 0]
     assert [x.skip.item() for x in d] == [False, False, False, False, True, False]
     s = c.stats()
     assert (s["repairs"], s["skips"], s["flagged_steps"], s["controller_steps"]) == (3, 1, 3, 36)

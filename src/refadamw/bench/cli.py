@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--readme", default=None, help="rewrite the results block of this README")
     demo.add_argument("--sweep", action="store_true", help="run the defaults sweep instead (a few minutes)")
     bench = sub.add_parser("bench", help="run a benchmark suite on the embedded workloads")
-    bench.add_argument("--suite", choices=["precision", "controller"], required=True)
+    bench.add_argument("--suite", choices=["precision", "controller", "ladder"], required=True)
     bench.add_argument("--quick", action="store_true", help="small models and short runs (a few minutes)")
     bench.add_argument("--seeds", type=int, default=2, help="seeds per configuration (default 2)")
     bench.add_argument("--workloads", default="shakespeare,fashion_mnist,friedman",

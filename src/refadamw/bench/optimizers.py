@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 
 from .. import AdamWMiniSF, RefAdamWMiniSF
+from ..controller import RefController
 
 WARMUP_FRACTION = 0.05
 """AdamW+cosine warms up over this share of the run (and ``schedulefree`` likewise)."""
@@ -35,11 +36,20 @@ def build(name: str, lr: float | None, steps: int, **options) -> tuple[Callable,
     """``(make_optimizer, schedule)`` for optimizer ``name`` at peak lr ``lr`` (None: its default).
 
     ``options`` go to our optimizers' constructors (e.g. ``state_dtype``,
-    ``ref_alpha``, ``repair``).
+    ``ref_alpha``, ``repair``); ``ladder`` sets the controller's repair ladder.
     """
     lr_kw = {} if lr is None else {"lr": lr}
     if name == "refadamw":
-        return (lambda model: RefAdamWMiniSF(model.parameters(), total_steps=steps, **lr_kw, **options)), None
+        ladder = options.pop("ladder", None)
+
+        def make(model):
+            opt = RefAdamWMiniSF(model.parameters(), total_steps=steps, **lr_kw, **options)
+            if ladder is not None:  # a repair ladder other than the default, for the ladder sweep
+                c = opt.controller
+                opt.controller = RefController(c.ref_alpha, c.ref_window, steps, c.repair, c.device, ladder=ladder)
+            return opt
+
+        return make, None
     if name == "adamw_mini_sf":
         return (lambda model: AdamWMiniSF(model.parameters(), **lr_kw, **options)), None
     if name in ("adamw_cosine", "adamw_constant"):

@@ -5,6 +5,7 @@
   stochastic rounding, and peak process memory of ``step()`` against AdamW.
 * ``controller`` (SPEC.md §3.5–6): recovery from a ×1000 gradient spike,
   false alarms on clean runs, and the λ × window sweep.
+* ``ladder``: the repair strength ρ per divergence level, against spikes.
 
 Every optimizer runs at the best lr of a small grid (seed 0, reported), then
 over all seeds at that lr. Quality runs use one thread; timings use two.
@@ -58,6 +59,10 @@ class Bench:
 
         result = runner.train(task, make_and_keep, schedule=schedule, eval_every=0, spike=spike, feed_loss=feed_loss)
         return result, built[0], task.steps
+
+    def steps(self, workload: str) -> int:
+        """The workload's training length at this size."""
+        return runner.make_task(workload, self.seeds[0], self.quick).steps
 
     def lr_for(self, workload: str, name: str, **options) -> float:
         key = (workload, name)
@@ -208,7 +213,38 @@ def controller(bench: Bench, workloads: tuple[str, ...]) -> tuple[dict, str]:
     return out, "\n".join(report)
 
 
-SUITES = {"precision": precision, "controller": controller}
+LADDERS = ((0.0, 0.6, 0.8, 1.0), (0.0, 0.3, 0.5, 1.0), (0.0, 0.0, 0.0, 0.0), (0.0, 1.0, 1.0, 1.0))
+LADDER_SPIKES = (None, 10.0, SPIKE_FACTOR)
+
+
+def ladder(bench: Bench, workloads: tuple[str, ...]) -> tuple[dict, str]:
+    """The repair ladder ρ per level against spikes of ×10 (mostly levels 1–2) and ×1000 (level 3)."""
+    out: dict = {"ladder": []}
+    for workload in workloads:
+        lr = bench.lr_for(workload, "refadamw")
+        for rungs in LADDERS:
+            row = {"workload": workload, "lr": lr, "ladder": list(rungs)}
+            for factor in LADDER_SPIKES:
+                losses = []
+                for seed in bench.seeds:
+                    spike = (bench.steps(workload) // 2, SPIKE_STEPS, factor) if factor else None
+                    losses.append(bench.run(workload, "refadamw", lr, seed, spike=spike, ladder=rungs)[0]
+                                  .final_val_loss)
+                row["clean" if factor is None else f"x{factor:g}"] = losses
+            out["ladder"].append(row)
+            bench.log(f"  {workload} ladder {rungs}: " + ", ".join(
+                f"{k} {_mean(v):.5g}" for k, v in row.items() if isinstance(v, list) and k != "ladder"))
+    n = len(bench.seeds)
+    header = ["workload", "ladder ρ (levels 0–3)", "clean"] + [f"×{f:g} spike" for f in LADDER_SPIKES if f]
+    rows = [[r["workload"], "/".join(f"{x:g}" for x in r["ladder"]), _mean(r["clean"])]
+            + [_mean(r[f"x{f:g}"]) for f in LADDER_SPIKES if f] for r in out["ladder"]]
+    report = ["### Repair ladder", "",
+              f"Final validation loss, mean of {n} seed(s), RefAdamWMiniSF at its best lr; spikes multiply the "
+              f"gradients for {SPIKE_STEPS} steps at 50% of training:", "", _table(header, rows)]
+    return out, "\n".join(report)
+
+
+SUITES = {"precision": precision, "controller": controller, "ladder": ladder}
 
 
 def run(suite: str, quick: bool, seeds: tuple[int, ...], workloads: tuple[str, ...]) -> tuple[dict, str]:
