@@ -223,15 +223,17 @@ class AdamWMiniSF(torch.optim.Optimizer):
         kernels compute them directly from the first gradient.
         """
         state = {}
-        for key, (shape, dtype) in self._expected_state(group, param).items():
-            if key == "z":
-                state[key] = param.detach().to(dtype=dtype, copy=True)
-            elif key == "rounding_key":
+        expected = self._expected_state(group, param)
+        for key, (shape, dtype) in expected.items():
+            if key == "rounding_key":
                 state[key] = torch.tensor(tensor_key(self.seed, ordinal), dtype=dtype, device=param.device)
-            elif key in ("exp_avg_sq", "exp_avg"):
+            elif key in ("exp_avg_sq", "exp_avg", "z"):
                 state[key] = torch.empty(shape, dtype=dtype, device=param.device)
             else:
                 state[key] = torch.zeros(shape, dtype=dtype, device=param.device)
+        if "z" in state:  # a copy of the parameter, stochastically rounded if z is narrower
+            key = rounding_keys(state["rounding_key"], state["step"], Salt.Z)
+            write_back(state["z"], param.detach().to(compute_dtype(param.dtype)), key)
         return state
 
     def _collect(self, group: dict[str, Any], first_ordinal: int):
