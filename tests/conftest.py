@@ -16,3 +16,13 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fused_kernel_stays_compiled():
+    # A failed compile switches the fused update off for the rest of the process (by design, with one
+    # warning): a test that caused one would silently move every later test onto the fallback path.
+    yield
+    from refadamw.kernels import fused
+
+    assert not fused._compile_failed, "this test made torch.compile of the fused update fail"

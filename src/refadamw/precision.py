@@ -166,15 +166,16 @@ _FP16_MIN_NORMAL = 2.0**-14
 _FP16_SUBNORMAL_ULP = 2.0**-24
 
 
-# The two kernels take and return flat tensors, so one compiled graph per dtype serves every shape.
+# The two kernels take contiguous tensors of any shape (stochastic_round passes flat ones, so one
+# compiled graph per dtype serves every shape); element i of the flattened tensor gets word i.
 def _round_bf16(src: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    bits = random_bits(src.numel(), key)
+    bits = random_bits(src.numel(), key).view(src.shape)
     mask = (1 << _BF16_DROPPED) - 1
     return ((src.view(torch.int32) + (bits & mask)) & ~mask).view(torch.float32).to(torch.bfloat16)
 
 
 def _round_fp16(src: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    bits = random_bits(src.numel(), key)
+    bits = random_bits(src.numel(), key).view(src.shape)
     mask = (1 << _FP16_DROPPED) - 1
     normal = ((src.view(torch.int32) + (bits & mask)) & ~mask).view(torch.float32)
     uniform = (bits >> _FP16_DROPPED & 0x3FFF).float() * 2.0**-14
@@ -183,6 +184,14 @@ def _round_fp16(src: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
 
 
 _EAGER = {torch.bfloat16: _round_bf16, torch.float16: _round_fp16}
+
+
+def round_bits(src: torch.Tensor, dtype: torch.dtype, key: torch.Tensor) -> torch.Tensor:
+    """The rounding arithmetic of :func:`stochastic_round` on a contiguous fp32 ``src``, uncompiled.
+
+    For use inside another compiled kernel (the fused update), which inlines it.
+    """
+    return _EAGER[dtype](src, key)
 
 COMPILE_MIN_NUMEL = 2
 """Tensors this large are rounded by a ``torch.compile``-generated single-pass kernel.

@@ -35,6 +35,7 @@ def update(
     norms: list[torch.Tensor] | None = None,
     control: Control | None = None,
     foreach: bool = True,
+    fused: bool = False,
 ) -> StepReport:
     """Apply one step to a param group's tensors that have gradients.
 
@@ -42,7 +43,10 @@ def update(
     are uninitialised and get computed directly from the gradient. ``norms``
     are the gradients' 2-norms when the caller already has them, and
     ``control`` the Ref controller's decision (None: no controller).
+    ``fused`` lets the multi-tensor path run its elementwise Schedule-Free
+    work as one compiled pass per tensor (:mod:`refadamw.kernels.fused`).
     """
-    impl = multi_tensor_update if foreach else single_tensor_update
     fresh = [False] * len(params) if fresh is None else fresh
-    return impl(params, grads, states, layouts, hyper, fresh, norms, control)
+    if foreach:
+        return multi_tensor_update(params, grads, states, layouts, hyper, fresh, norms, control, fused=fused)
+    return single_tensor_update(params, grads, states, layouts, hyper, fresh, norms, control)

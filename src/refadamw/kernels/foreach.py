@@ -15,6 +15,7 @@ from ..auto_lr import step_size, update_norm_ema
 from ..averaging import averaging_weight, pull_weights, ref_weight, warmup_factor, y_step_coefficient
 from ..partition import BlockLayout
 from ..precision import Salt, rounding_keys
+from . import fused as fused_kernel
 from .common import (Control, Hyper, StepReport, buckets, finite_grads, finite_squares, gates, grad_norms,
                      needs_rounding, store, working_copy)
 
@@ -28,7 +29,10 @@ def multi_tensor_update(
     fresh: list[bool],
     norms: list[torch.Tensor] | None = None,
     control: Control | None = None,
+    fused: bool = False,
 ) -> StepReport:
+    """``fused``: run the elementwise part of Schedule-Free updates as one compiled
+    pass per tensor (:mod:`refadamw.kernels.fused`) where the tensor allows it."""
     if norms is None:
         norms = grad_norms(params, grads)
     finite, keep = gates(norms, control)
@@ -46,6 +50,7 @@ def multi_tensor_update(
             keep.to(device),
             dtype,
             None if control is None else (control.lam.to(device), torch.where(finite, control.pull, 0.0).to(device)),
+            fused,
         )
         lrs.append(lr_t.to(keep.device, torch.float32))
         etas.append(eta.to(keep.device, torch.float32))
@@ -88,7 +93,7 @@ def _rounding_keys(states, step, salt: Salt, targets, dtype) -> list[torch.Tenso
     return list(rounding_keys(_stacked(states, "rounding_key"), step, salt).unbind())
 
 
-def _update_bucket(params, grads, norm, states, layouts, fresh, h: Hyper, keep, dtype, ref):
+def _update_bucket(params, grads, norm, states, layouts, fresh, h: Hyper, keep, dtype, ref, fused=False):
     keep_f = keep.to(dtype)
     zero = torch.zeros((), dtype=dtype, device=keep.device)
 
@@ -122,6 +127,8 @@ def _update_bucket(params, grads, norm, states, layouts, fresh, h: Hyper, keep, 
     # each chunk's temporaries small enough to be reused step after step.
     max_numel = CPU_CHUNK_NUMEL if keep.device.type == "cpu" else None
     per_tensor = {k: list(v.unbind()) if v.dim() else [v] * len(params) for k, v in scalars.items()}
+    if fused and h.schedule_free and dtype == torch.float32 and fused_kernel.available():
+        per_tensor["coef"] = list(_fused_coefficients(scalars, h, len(params), keep.device).unbind())
     per_tensor["fresh"] = fresh
     per_tensor["key_param"] = _rounding_keys(states, step, Salt.PARAM, params, dtype)
     per_tensor["key_v"] = _rounding_keys(states, step, Salt.EXP_AVG_SQ, [s["exp_avg_sq"] for s in states], dtype)
@@ -135,7 +142,16 @@ def _update_bucket(params, grads, norm, states, layouts, fresh, h: Hyper, keep, 
     return lr_t, eta
 
 
+def _fused_coefficients(scalars: dict[str, torch.Tensor], h: Hyper, n: int, device) -> torch.Tensor:
+    """An ``(n, 6)`` fp32 matrix: each tensor's scalars in the order of ``fused.COEFFICIENTS``."""
+    values = {"weight_decay": torch.tensor(float(h.weight_decay), device=device),
+              "pull_y": torch.zeros((), device=device), "pull_z": torch.zeros((), device=device), **scalars}
+    return torch.stack([values[name].float().expand(n) for name in fused_kernel.COEFFICIENTS], dim=1)
+
+
 def _update_tensors(params, grads, states, layouts, h: Hyper, dtype, k: dict[str, list[torch.Tensor]]):
+    if "coef" in k and all(fused_kernel.eligible(p, g, s["z"]) for p, g, s in zip(params, grads, states)):
+        return _fused_update(params, grads, states, layouts, h, dtype, k)
     grads = finite_grads([g.to(dtype) for g in grads])
     blocked_grads = [lay.blocked(g) for lay, g in zip(layouts, grads)]
     squares = finite_squares([lay.mean_square(bg) for lay, bg in zip(layouts, blocked_grads)])
@@ -175,6 +191,30 @@ def _update_tensors(params, grads, states, layouts, h: Hyper, dtype, k: dict[str
 
     for p, y, key in zip(params, ys, k["key_param"]):
         store(p, y, key)
+    for s, v, key in zip(states, vs, k["key_v"]):
+        store(s["exp_avg_sq"], v, key)
+
+
+def _fused_update(params, grads, states, layouts, h: Hyper, dtype, k) -> None:
+    """The block-sized work here, the elementwise pass compiled (kernels/fused.py).
+
+    Gradients are read as they are: a non-finite block mean square only
+    matters on a skipped step, whose ``v`` weight is 0, so it is set to 0 to
+    keep ``v`` exact; the fused pass reads NaN/inf gradients as 0 itself.
+    """
+    grads = [g.to(dtype) for g in grads]
+    squares = [torch.nan_to_num_(lay.mean_square(lay.blocked(g)), nan=0.0, posinf=torch.finfo(dtype).max)
+               for lay, g in zip(layouts, grads)]
+    vs = _moment(states, "exp_avg_sq", squares, k["v_weight"], k["fresh"], dtype)
+    denoms = torch._foreach_sqrt(vs)
+    torch._foreach_div_(denoms, k["sqrt_bias2"])
+    torch._foreach_add_(denoms, h.eps)
+    for i, (p, g, s, dn) in enumerate(zip(params, grads, states, denoms)):
+        rows = dn.numel()
+        args = (p.view(rows, -1), g.view(rows, -1), s["z"].view(rows, -1), dn.view(rows, 1),
+                k["coef"][i], k["key_param"][i], k["key_buffer"][i])
+        if not fused_kernel.fused_pass(*args):
+            fused_kernel.sf_pass(*args)  # compiling failed: the same arithmetic, uncompiled, this once
     for s, v, key in zip(states, vs, k["key_v"]):
         store(s["exp_avg_sq"], v, key)
 

@@ -1,0 +1,168 @@
+"""The fused (compiled) update against the multi-tensor path, and its fallbacks."""
+
+import logging
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from refadamw import AdamWMiniSF, RefAdamWMiniSF
+from refadamw.kernels import fused as fused_kernel
+from refadamw.precision import random_bits, round_bits, stochastic_round
+
+
+def _model(seed: int, param_dtype: torch.dtype) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    # A blocked (mini) weight, a per-element bias, a small per-element weight, a square block layout.
+    model = torch.nn.Sequential(torch.nn.Linear(48, 96), torch.nn.Tanh(), torch.nn.Linear(96, 96),
+                                torch.nn.Tanh(), torch.nn.Linear(96, 3))
+    return model.to(param_dtype)
+
+
+def _train(fused: bool, *, seed=0, param_dtype=torch.float32, state_dtype="bf16", weight_decay=0.1,
+           steps=6, nan_at=2, spike_at=None, cls=RefAdamWMiniSF, **options):
+    model = _model(seed, param_dtype)
+    kwargs = dict(total_steps=steps) if cls is RefAdamWMiniSF else {}
+    opt = cls(model.parameters(), lr=1e-2, weight_decay=weight_decay, warmup_steps=2, state_dtype=state_dtype,
+              fused=fused, seed=seed, **kwargs, **options)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for step in range(steps):
+        x = torch.randn(16, 48, generator=gen).to(param_dtype)
+        loss = model(x).float().pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        if step == nan_at:
+            model[0].weight.grad[3, 5] = float("nan")
+        if step == spike_at:
+            for p in model.parameters():
+                p.grad.mul_(1e4)
+        opt.step()
+    return model, opt
+
+
+def _assert_rounding_close(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Low-precision storage: rare values one or two spacings apart, measured at the tensor's scale."""
+    assert (a != b).float().mean() < 0.01
+    scale = torch.finfo(a.dtype).eps * a.float().abs().max()
+    assert (a.float() - b.float()).abs().max() <= 4 * scale
+
+
+def _assert_same_run(a, b, exact_rounding: bool):
+    """Same results up to fp32 rounding; with bf16/fp16 storage anywhere (``exact_rounding`` false),
+    an fp32 value differing in its last bit may round to the neighbouring low-precision value,
+    which then moves the parameters by about that spacing, rarely."""
+    (model_a, opt_a), (model_b, opt_b) = a, b
+    for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+        if exact_rounding:
+            torch.testing.assert_close(pa, pb, rtol=2e-6, atol=1e-7)
+        else:
+            close = torch.isclose(pa.float(), pb.float(), rtol=2e-6, atol=1e-7)
+            assert close.float().mean() > 0.99
+            torch.testing.assert_close(pa.float(), pb.float(), rtol=2e-3, atol=1e-5)
+        sa, sb = opt_a.state[pa], opt_b.state[pb]
+        assert sa.keys() == sb.keys()
+        for key in ("z", "exp_avg_sq"):
+            assert sa[key].dtype == sb[key].dtype
+            if sa[key].dtype == torch.float32:
+                torch.testing.assert_close(sa[key], sb[key], rtol=2e-6, atol=1e-7)
+            else:
+                _assert_rounding_close(sa[key], sb[key])
+        for key in ("step", "weight_sum", "lr_max"):
+            torch.testing.assert_close(sa[key], sb[key])
+
+
+@pytest.mark.parametrize("state_dtype", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+def test_fused_matches_multi_tensor(state_dtype, param_dtype):
+    runs = [_train(fused, state_dtype=state_dtype, param_dtype=param_dtype) for fused in (True, False)]
+    _assert_same_run(*runs, exact_rounding=param_dtype == torch.float32 and state_dtype == "fp32")
+
+
+def test_fused_matches_multi_tensor_through_repair_and_without_controller():
+    # A ×10⁴ gradient after the controller's warm-up raises the controller's level: repair pulls z toward x.
+    runs = [_train(fused, spike_at=26, steps=30, state_dtype="fp32") for fused in (True, False)]
+    assert runs[0][1].stats()["repairs"] > 0
+    _assert_same_run(*runs, exact_rounding=True)
+    runs = [_train(fused, cls=AdamWMiniSF, weight_decay=0.0, mini=False) for fused in (True, False)]
+    _assert_same_run(*runs, exact_rounding=True)
+
+
+def test_skipped_step_leaves_everything_untouched():
+    model, opt = _train(True, steps=2, nan_at=None, state_dtype="bf16")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("inf"))
+    opt.step()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n])
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, state[n][k]), (n, k)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.floats(width=32, allow_nan=True, allow_infinity=True), min_size=1, max_size=64),
+       st.integers(-2**31, 2**31 - 1), st.sampled_from([torch.bfloat16, torch.float16]))
+def test_round_bits_is_the_rounding_of_stochastic_round(values, key, dtype):
+    src = torch.tensor(values, dtype=torch.float32)
+    k = torch.tensor(key, dtype=torch.int32)
+    a, b = round_bits(src.view(1, -1), dtype, k).view(-1), stochastic_round(src, dtype, k)
+    assert torch.equal(a.view(torch.int16), b.view(torch.int16)) or torch.equal(a.isnan(), b.isnan())
+
+
+def test_two_dimensional_rounding_uses_flat_element_indices():
+    src = torch.randn(6, 10)
+    key = torch.tensor(77, dtype=torch.int32)
+    assert torch.equal(random_bits(60, key).view(6, 10),
+                       random_bits(60, key).view(-1).view(6, 10))
+    assert torch.equal(round_bits(src, torch.bfloat16, key).view(-1), stochastic_round(src.view(-1), torch.bfloat16, key))
+
+
+def test_failed_compile_warns_once_and_falls_back(monkeypatch, caplog):
+    expected = _train(False)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(fused_kernel, "_compiled", None)
+    monkeypatch.setattr(fused_kernel, "_compile_failed", False)
+    monkeypatch.setattr(fused_kernel.torch, "compile", lambda fn, **kw: broken)
+    with caplog.at_level(logging.WARNING, logger="refadamw"):
+        got = _train(True)
+    assert sum("fused update failed" in r.getMessage() for r in caplog.records) == 1
+    assert not fused_kernel.available()
+    _assert_same_run(got, expected, exact_rounding=False)
+
+
+def test_compile_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("REFADAMW_COMPILE", "0")
+    calls = []
+    monkeypatch.setattr(fused_kernel, "fused_pass", lambda *a: calls.append(a) or False)
+    _train(True, steps=2)
+    assert not calls
+
+
+def test_non_contiguous_parameters_take_the_multi_tensor_path(monkeypatch):
+    calls = []
+    real = fused_kernel.fused_pass
+    monkeypatch.setattr(fused_kernel, "fused_pass", lambda *a: calls.append(a) or real(*a))
+    conv = torch.nn.Conv2d(8, 16, 3).to(memory_format=torch.channels_last)
+    opt = AdamWMiniSF(conv.parameters())
+    conv(torch.randn(2, 8, 6, 6)).sum().backward()
+    opt.step()
+    assert not calls  # the whole chunk stays on the multi-tensor path
+    linear = torch.nn.Linear(8, 16)
+    opt = AdamWMiniSF(linear.parameters())
+    linear(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    (dict(fused="yes"), TypeError),
+    (dict(fused=True, foreach=False), ValueError),
+])
+def test_bad_fused_arguments(kwargs, error):
+    with pytest.raises(error, match="fused"):
+        AdamWMiniSF([torch.nn.Parameter(torch.zeros(2))], **kwargs)
