@@ -7,15 +7,17 @@ The math lives in :mod:`refadamw.kernels` (equations in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import numbers
+from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
-from . import kernels
+from . import kernels, sharding
 from .averaging import x_to_y, y_to_x
 from .controller import RefController
 from .partition import block_layout
@@ -82,6 +84,10 @@ def _validate_hyperparameters(g: Mapping[str, Any]) -> None:
     parse_state_dtype(g["state_dtype"])
     if g["foreach"] is not None:
         _check_bool("foreach", g["foreach"])
+    if g["fused"] is not None:
+        _check_bool("fused", g["fused"])
+    if g["fused"] and g["foreach"] is False:
+        raise ValueError("fused=True runs inside the multi-tensor path; it cannot be combined with foreach=False")
 
 
 class AdamWMiniSF(torch.optim.Optimizer):
@@ -97,9 +103,9 @@ class AdamWMiniSF(torch.optim.Optimizer):
     ``eval()`` before evaluating or saving weights and ``train()`` before
     training again. A new optimizer starts in train mode.
 
-    The defaults (``lr=2e-2``, ``warmup_steps=20``, ``auto_lr=False``,
-    ``weight_decay=0``) are the best mean of a sweep on the digits workload
-    over 3 seeds (docs/defaults.md); ``auto_lr`` lost there at every good lr.
+    The defaults (``lr=3e-3``, ``betas=(0.9, 0.999)``, ``warmup_steps=20``,
+    ``weight_decay=0``, ``auto_lr=False``, bf16 state) come from
+    ``refadamw bench`` on its three workloads (docs/defaults.md, BENCHMARKS.md).
 
     Args:
         params: tensors, param-group dicts, or ``(name, tensor)`` pairs.
@@ -123,6 +129,11 @@ class AdamWMiniSF(torch.optim.Optimizer):
             except that it is never fp16. Writes into bf16/fp16 (state or
             parameters) are stochastically rounded (docs/precision.md).
         foreach: use the multi-tensor path (default) or the per-tensor one.
+        fused: run the elementwise Schedule-Free update as one
+            ``torch.compile``-generated pass per tensor (kernels/fused.py).
+            ``None`` (default) means yes wherever compiling works (set
+            ``REFADAMW_COMPILE=0`` to stay eager); the first step then
+            compiles for a few seconds.
         seed: seed of the stochastic-rounding noise (a counter-based hash, so
             a resumed run replays the same noise; the per-tensor key lives in
             the state).
@@ -131,7 +142,7 @@ class AdamWMiniSF(torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 2e-2,
+        lr: float = 3e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
@@ -145,6 +156,7 @@ class AdamWMiniSF(torch.optim.Optimizer):
         state_dtype: str | torch.dtype = AUTO,
         block_rows: int = 1,
         foreach: bool | None = None,
+        fused: bool | None = None,
         seed: int = 0,
     ) -> None:
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -154,6 +166,7 @@ class AdamWMiniSF(torch.optim.Optimizer):
             weight_decay=weight_decay, warmup_steps=warmup_steps, auto_lr=auto_lr, min_lr=min_lr,
             max_lr=max_lr, schedulefree_alpha=schedulefree_alpha, mini=mini,
             schedule_free=schedule_free, state_dtype=state_dtype, block_rows=block_rows, foreach=foreach,
+            fused=fused,
         )
         _validate_hyperparameters(defaults)
         self.seed = seed
@@ -224,21 +237,31 @@ class AdamWMiniSF(torch.optim.Optimizer):
         """
         state = {}
         expected = self._expected_state(group, param)
+        shard = sharding.local(param)  # a DTensor's state is built shard-local, then wrapped like it
+        layout = sharding.local_layout(block_layout(param.shape, group["mini"], group["block_rows"]), param)
+        local_shapes = {"exp_avg_sq": layout.state_shape(shard.shape), "exp_avg": shard.shape, "z": shard.shape}
         for key, (shape, dtype) in expected.items():
             if key == "rounding_key":
-                state[key] = torch.tensor(tensor_key(self.seed, ordinal), dtype=dtype, device=param.device)
-            elif key in ("exp_avg_sq", "exp_avg", "z"):
-                state[key] = torch.empty(shape, dtype=dtype, device=param.device)
+                state[key] = torch.tensor(tensor_key(self.seed, ordinal), dtype=dtype, device=shard.device)
+            elif key in local_shapes:
+                buffer = torch.empty(local_shapes[key], dtype=dtype, device=shard.device)
+                state[key] = sharding.like_param(buffer, param, shape)
             else:
-                state[key] = torch.zeros(shape, dtype=dtype, device=param.device)
+                state[key] = torch.zeros(shape, dtype=dtype, device=shard.device)
         if "z" in state:  # a copy of the parameter, stochastically rounded if z is narrower
             key = rounding_keys(state["rounding_key"], state["step"], Salt.Z)
-            write_back(state["z"], param.detach().to(compute_dtype(param.dtype)), key)
+            write_back(sharding.local(state["z"]), shard.detach().to(compute_dtype(param.dtype)), key)
         return state
 
     def _collect(self, group: dict[str, Any], first_ordinal: int):
-        """The group's params with gradients, their grads, states (created lazily), layouts, freshness."""
+        """The group's params with gradients, their grads, states (created lazily), layouts, freshness,
+        and the gradients as given.
+
+        For ``DTensor`` parameters (FSDP2) these are the local shards, their
+        local gradients and local views of the state (:mod:`refadamw.sharding`).
+        """
         params, grads, states, layouts, fresh = [], [], [], [], []
+        whole = []  # the gradients as given (DTensor for FSDP2), for whole-tensor norms
         for ordinal, p in enumerate(group["params"], start=first_ordinal):
             if p.grad is None:
                 continue
@@ -257,11 +280,12 @@ class AdamWMiniSF(torch.optim.Optimizer):
                     f"{tuple(state['exp_avg_sq'].shape)}, which does not match mini={group['mini']}, "
                     f"block_rows={group['block_rows']}; these cannot change after the first step"
                 )
-            params.append(p)
-            grads.append(p.grad)
-            states.append(state)
-            layouts.append(layout)
-        return params, grads, states, layouts, fresh
+            params.append(sharding.local(p))
+            grads.append(sharding.local(p.grad))
+            states.append(sharding.local_state(state))
+            layouts.append(sharding.local_layout(layout, p))
+            whole.append(p.grad)
+        return params, grads, states, layouts, fresh, whole
 
     @staticmethod
     def _hyper(group: Mapping[str, Any]) -> kernels.Hyper:
@@ -304,11 +328,13 @@ class AdamWMiniSF(torch.optim.Optimizer):
             if collected[0]:
                 work.append((group, *collected))
         norms, control = self._control(work, loss, **signals)
-        for i, (group, params, grads, states, layouts, fresh) in enumerate(work):
+        if norms is None and any(sharding.is_sharded(g) for *_, whole in work for g in whole):
+            norms = self._grad_norms(work)  # the kernels alone would see only the local shards
+        for i, (group, params, grads, states, layouts, fresh, _) in enumerate(work):
             foreach = True if group["foreach"] is None else group["foreach"]
             report = kernels.update(params, grads, states, layouts, self._hyper(group), fresh=fresh,
                                     norms=None if norms is None else norms[i], control=control,
-                                    foreach=foreach)
+                                    foreach=foreach, fused=group.get("fused") is not False)
             stats = group["stats"]
             applied = report.applied.to(stats["steps"])
             stats["steps"].add_(applied)
@@ -322,14 +348,20 @@ class AdamWMiniSF(torch.optim.Optimizer):
         """Per-group gradient norms and a controller decision; none without a controller."""
         return None, None
 
+    @staticmethod
+    def _grad_norms(work) -> list[list[torch.Tensor]]:
+        """Per-group lists of whole-tensor gradient norms (all-reduced over shards, no host sync)."""
+        return [sharding.global_norms(whole, kernels.grad_norms(params, grads))
+                for _, params, grads, *_, whole in work]
+
     def _after_step(self) -> None:
         """Called at the end of every ``step()``."""
 
     # ------------------------------------------------------------- train/eval
 
     @torch.no_grad()
-    def _switch(self, to_train: bool) -> None:
-        for group in self.param_groups:
+    def _switch(self, to_train: bool, groups: list[dict[str, Any]] | None = None) -> None:
+        for group in self.param_groups if groups is None else groups:
             if not group["schedule_free"] or group["train_mode"] == to_train:
                 continue
             beta1 = group["betas"][0]
@@ -340,7 +372,8 @@ class AdamWMiniSF(torch.optim.Optimizer):
                 dtype = compute_dtype(p.dtype)
                 convert = x_to_y if to_train else y_to_x
                 key = rounding_keys(state["rounding_key"], state["step"], Salt.MODE_SWITCH)
-                write_back(p, convert(p.to(dtype), state["z"].to(dtype), beta1), key)
+                y, z = sharding.local(p), sharding.local(state["z"])  # elementwise: shard-local
+                write_back(y, convert(y.to(dtype), z.to(dtype), beta1), key)
             group["train_mode"] = to_train
 
     def train(self) -> None:
@@ -350,6 +383,23 @@ class AdamWMiniSF(torch.optim.Optimizer):
     def eval(self) -> None:
         """Put the averaged weights ``x`` in the parameters, for evaluation or saving."""
         self._switch(False)
+
+    @contextlib.contextmanager
+    def averaged(self):
+        """Context manager: the averaged weights ``x`` in the parameters inside it.
+
+        Switches to eval mode and back to the mode it found on exit, also when
+        the body raises::
+
+            with optimizer.averaged():
+                evaluate(model)
+        """
+        training = [g for g in self.param_groups if g["train_mode"]]
+        self.eval()
+        try:
+            yield self
+        finally:
+            self._switch(True, training)
 
     # ------------------------------------------------------------------ stats
 
@@ -393,7 +443,8 @@ class AdamWMiniSF(torch.optim.Optimizer):
                 state_dict = result
         groups, state = self._checked_state(state_dict)
         self._load_extra_state(state_dict)  # checks first too; raises before anything changed
-        self.__setstate__({"state": state, "param_groups": groups})
+        # A defaultdict, as torch.optim keeps it: parameters without saved state get theirs lazily.
+        self.__setstate__({"state": defaultdict(dict, state), "param_groups": groups})
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -413,7 +464,8 @@ class AdamWMiniSF(torch.optim.Optimizer):
                 f"the state_dict has {len(saved_groups)} param groups, this optimizer has "
                 f"{len(self.param_groups)}"
             )
-        required = set(self.defaults) | {"params", "train_mode", "stats"}
+        # torch's __setstate__ adds "differentiable" to defaults (not to groups) on every load.
+        required = (set(self.defaults) - {"differentiable"}) | {"params", "train_mode", "stats"}
         new_groups, new_state = [], {}
         for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             if not isinstance(saved, Mapping):
@@ -562,7 +614,7 @@ class RefAdamWMiniSF(AdamWMiniSF):
                 closure_loss, bool):
             loss = closure_loss if not isinstance(closure_loss, torch.Tensor) else closure_loss.detach().reshape(())
         self.controller.observe(loss=loss, val_loss=val_loss)
-        norms = [kernels.grad_norms(params, grads) for _, params, grads, *_ in work]
+        norms = self._grad_norms(work)
         flat = [n.to(self.controller.device, torch.float32) for group_norms in norms for n in group_norms]
         global_norm = torch.linalg.vector_norm(torch.stack(flat)) if flat else torch.zeros(())
         decision = self.controller.decide(global_norm, max_steps)

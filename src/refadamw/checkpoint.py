@@ -1,0 +1,158 @@
+"""Checkpoints that hold the averaged weights ``x`` (SPEC.md §4).
+
+Schedule-Free parameters hold the training point ``y`` while training; the
+weights to evaluate, export or ship are the average ``x``. Forgetting
+``optimizer.eval()`` before saving is the most common Schedule-Free mistake,
+so these helpers switch to ``x`` themselves, whatever mode the optimizer is
+in, and put the mode back afterwards.
+
+* :func:`averaged_state_dict` / :func:`save_averaged`: the model's weights
+  ``x`` (a ``torch.save`` file), for evaluation and export.
+* :func:`save_sharded` / :func:`load_sharded`: model and optimizer with
+  ``torch.distributed.checkpoint`` (FSDP2 / DTensor parameters, or plain ones),
+  to resume training. The model entry holds ``x`` and the optimizer entry says
+  so (eval mode); call ``optimizer.train()`` after loading, as before any
+  training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+import torch
+
+from .averaging import y_to_x
+from .optimizer import AdamWMiniSF
+from .precision import compute_dtype
+
+
+def unwrap_optimizer(optimizer: Any) -> AdamWMiniSF:
+    """The :class:`AdamWMiniSF` inside trainer wrappers.
+
+    Follows ``.optimizer`` (accelerate's ``AcceleratedOptimizer``, HF's
+    wrappers) and ``._optimizer`` (Lightning's ``LightningOptimizer``).
+    """
+    seen = optimizer
+    for _ in range(8):  # wrappers nest a few levels at most; a cycle must not hang
+        if isinstance(seen, AdamWMiniSF):
+            return seen
+        inner = getattr(seen, "optimizer", None) or getattr(seen, "_optimizer", None)
+        if inner is None:
+            break
+        seen = inner
+    raise TypeError(
+        f"expected a refadamw optimizer (AdamWMiniSF or RefAdamWMiniSF), possibly wrapped, "
+        f"got {type(optimizer).__name__}"
+    )
+
+
+@contextlib.contextmanager
+def averaged(*optimizers: Any):
+    """``optimizer.averaged()`` for several (possibly wrapped) optimizers at once."""
+    with contextlib.ExitStack() as stack:
+        for optimizer in optimizers:
+            stack.enter_context(unwrap_optimizer(optimizer).averaged())
+        yield
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _check_path(path: Any) -> None:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+
+
+@torch.no_grad()
+def averaged_state_dict(model: torch.nn.Module, optimizer: Any) -> dict[str, torch.Tensor]:
+    """A copy of ``model.state_dict()`` holding the averaged weights ``x``.
+
+    ``x = (y − (1−β1)·z)/β1`` is computed into the copy; the parameters and the
+    optimizer's mode are not touched, so the training point ``y`` stays
+    bit-identical (an ``eval()``/``train()`` round trip is exact only up to
+    rounding, which would make DDP replicas differ if one rank saved alone).
+    Entries that are not parameters of ``optimizer`` (buffers, frozen weights)
+    are copied as they are.
+    """
+    _check_model(model)
+    averages = _averages(unwrap_optimizer(optimizer))
+    return {k: averages[id(v)] if id(v) in averages else v.detach().clone() if isinstance(v, torch.Tensor) else v
+            for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def _averages(opt: AdamWMiniSF) -> dict[int, torch.Tensor]:
+    """``id(param)`` → a new tensor holding its ``x``, for parameters that hold ``y`` now."""
+    out = {}
+    for group in opt.param_groups:
+        if not group["schedule_free"] or not group["train_mode"]:
+            continue  # eval mode: the parameters already hold x
+        for param in group["params"]:
+            z = opt.state.get(param, {}).get("z")
+            if z is None:
+                continue  # never stepped: x = y = z
+            dtype = compute_dtype(param.dtype)
+            out[id(param)] = y_to_x(param.detach().to(dtype), z.to(dtype), group["betas"][0]).to(param.dtype)
+    return out
+
+
+def save_averaged(model: torch.nn.Module, optimizer: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` the averaged weights ``x`` of ``model`` to ``path``.
+
+    Load them with ``model.load_state_dict(torch.load(path))`` for evaluation
+    or export. For sharded (FSDP2) models use :func:`save_sharded`.
+    """
+    _check_path(path)
+    torch.save(averaged_state_dict(model, optimizer), path)
+
+
+def _dcp():
+    import torch.distributed.checkpoint as dcp  # only where a sharded checkpoint is asked for
+
+    return dcp
+
+
+def save_sharded(model: torch.nn.Module, optimizer: Any, path: str | os.PathLike) -> None:
+    """Save model (as ``x``) and optimizer with ``torch.distributed.checkpoint``.
+
+    Every rank calls it. ``DTensor`` parameters and state are saved shard by
+    shard. The optimizer's mode is unchanged afterwards.
+    """
+    _check_model(model)
+    _check_path(path)
+    opt = unwrap_optimizer(optimizer)
+    with opt.averaged():
+        _dcp().save({"model": model.state_dict(), "optimizer": opt.state_dict()}, checkpoint_id=path)
+
+
+def load_sharded(model: torch.nn.Module, optimizer: Any, path: str | os.PathLike) -> None:
+    """Load a :func:`save_sharded` checkpoint into ``model`` and ``optimizer``.
+
+    Every rank calls it, with the model built (and sharded) as when saving and
+    a new optimizer over its parameters. The optimizer's lazy state is
+    allocated first, because ``torch.distributed.checkpoint`` loads in place.
+    Afterwards the model holds ``x`` and the optimizer is in eval mode: call
+    ``optimizer.train()`` before training.
+    """
+    _check_model(model)
+    _check_path(path)
+    opt = unwrap_optimizer(optimizer)
+    _allocate_state(opt)
+    target = {"model": model.state_dict(), "optimizer": opt.state_dict()}
+    _dcp().load(target, checkpoint_id=path)
+    model.load_state_dict(target["model"])
+    opt.load_state_dict(target["optimizer"])
+
+
+@torch.no_grad()
+def _allocate_state(opt: AdamWMiniSF) -> None:
+    """Give every trainable parameter its state, as a first step would (values are overwritten)."""
+    ordinal = 0
+    for group in opt.param_groups:
+        for param in group["params"]:
+            if param.requires_grad and not opt.state.get(param):
+                opt.state[param] = opt._init_state(group, param, ordinal)
+            ordinal += 1

@@ -1,0 +1,128 @@
+"""Sharded parameters (``DTensor``, as FSDP2's ``fully_shard`` makes them).
+
+The kernels work on plain tensors. For a ``DTensor`` parameter the optimizer
+hands them the rank's local shard, its local gradient and local views of the
+state, so every update is shard-local:
+
+* the second-moment blocks run along dim 0, which is the dimension FSDP2
+  shards, so a block never straddles two ranks (:func:`local_layout` checks
+  it and refuses layouts where it would);
+* the state tensors are ``DTensor`` s with the parameter's mesh and
+  placements (:func:`like_param`), so ``torch.distributed.checkpoint`` saves
+  them shard by shard, like the parameters;
+* a gradient norm is the one quantity that needs the whole tensor: the hygiene
+  gate, auto-lr and the Ref controller all read it. :func:`global_norms`
+  all-reduces the local sums of squares over the mesh dimensions the gradient
+  is sharded on, with functional collectives (no host sync).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from .partition import BlockLayout
+
+
+def _dtensor_class():
+    # A DTensor exists only once its module is imported (FSDP2 does), so look it up
+    # instead of importing it: the import costs ~0.7 s, as much again as `import torch`.
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a ``DTensor``."""
+    cls = _dtensor_class()
+    return cls is not None and isinstance(t, cls)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The rank's local shard of a ``DTensor`` (it shares storage), or ``t`` itself."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def local_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Local views of a parameter's state; in-place writes reach the state."""
+    if not any(is_sharded(v) for v in state.values()):
+        return state
+    return {key: local(value) for key, value in state.items()}
+
+
+def _dim0_shards(param: torch.Tensor) -> int:
+    """How many pieces the placements cut dim 0 into; raises if another dim is sharded."""
+    pieces = 1
+    for mesh_dim, placement in enumerate(param.placements):
+        if placement.is_shard(0):
+            pieces *= param.device_mesh.size(mesh_dim)
+        elif placement.is_shard() or placement.is_partial():
+            raise ValueError(
+                f"mini second-moment blocks run along dim 0, but a parameter of shape {tuple(param.shape)} "
+                f"has placements {param.placements}; shard it along dim 0 (FSDP2's default) or use "
+                "mini=False for its param group"
+            )
+    return pieces
+
+
+def local_layout(layout: BlockLayout, param: torch.Tensor) -> BlockLayout:
+    """The block layout of ``param``'s local shard, given the layout of the whole tensor.
+
+    The layout is chosen from the global shape (a shard may be small enough to
+    fall under the per-element threshold; the blocks must not change with the
+    world size). Shard boundaries must fall on block boundaries.
+    """
+    if not is_sharded(param) or layout.per_element:
+        return layout
+    chunk = -(-param.shape[0] // _dim0_shards(param))  # rows per rank, as torch.chunk splits dim 0
+    if chunk % layout.block_rows:
+        raise ValueError(
+            f"block_rows={layout.block_rows} second-moment blocks would straddle ranks: a parameter of shape "
+            f"{tuple(param.shape)} is sharded into {chunk} rows per rank; pick block_rows dividing {chunk}"
+        )
+    return BlockLayout(n_blocks=param.to_local().shape[0] // layout.block_rows, block_rows=layout.block_rows)
+
+
+def like_param(local_tensor: torch.Tensor, param: torch.Tensor, global_shape: torch.Size) -> torch.Tensor:
+    """Wrap a state tensor of ``param``'s local shard as a ``DTensor`` of ``global_shape``.
+
+    It takes ``param``'s mesh and placements: a parameter-shaped buffer shards
+    like the parameter, and a block vector (one entry per dim-0 block) shards
+    along its only dim, block for block. A plain ``param`` returns ``local_tensor``.
+    """
+    if not is_sharded(param):
+        return local_tensor
+    stride = tuple(torch.empty(global_shape, device="meta").stride())
+    return _dtensor_class().from_local(local_tensor, param.device_mesh, param.placements, run_check=False,
+                              shape=torch.Size(global_shape), stride=stride)
+
+
+def global_norms(grads: list[torch.Tensor], local_norms: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Whole-tensor 2-norms from the norms of the local shards.
+
+    ``grads[i]`` is the (possibly ``DTensor``) gradient whose local shard has
+    norm ``local_norms[i]``. Sharded ones are combined as
+    ``sqrt(all_reduce_sum(local_norm²))`` over the mesh dimensions they are
+    sharded on, one collective per mesh, dtype and mesh dimension. Plain and
+    replicated gradients keep their norm. Overflow of the squares gives inf,
+    which the hygiene gate treats like any non-finite norm.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, g in enumerate(grads):
+        if is_sharded(g):
+            dims = tuple(d for d, pl in enumerate(g.placements) if pl.is_shard())
+            if dims:
+                groups.setdefault((g.device_mesh, dims, local_norms[i].dtype), []).append(i)
+    if not groups:
+        return local_norms
+    import torch.distributed._functional_collectives as funcol  # loaded with DTensor already
+
+    out = list(local_norms)
+    for (mesh, dims, _), idx in groups.items():
+        squares = torch.stack([local_norms[i] for i in idx]).square()
+        for dim in dims:
+            squares = funcol.all_reduce(squares, "sum", (mesh, dim))
+        for i, norm in zip(idx, squares.sqrt().unbind()):
+            out[i] = norm
+    return out
+

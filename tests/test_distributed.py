@@ -1,0 +1,318 @@
+"""DDP and FSDP2 on CPU (gloo, 2 ranks on loopback) against one process.
+
+The recipes of docs/integrations.md run verbatim in the workers. Each run
+is bounded: a few steps, and the worker processes are killed after
+``TIMEOUT_S``. Equivalence runs use fp32 state (see the FSDP2 section of the
+docs on why bf16 rounding noise differs per shard).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import refadamw
+from refadamw import AdamWMiniSF, RefAdamWMiniSF
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
+
+WORLD = 2
+STEPS = 8
+SAVE_AT = 4
+AUTO_LR_STEPS = 3
+TIMEOUT_S = 120
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "integrations.md"
+
+
+def recipe(name: str) -> str:
+    """The code block marked ``<!-- recipe: name -->`` in docs/integrations.md."""
+    match = re.search(rf"<!-- recipe: {re.escape(name)} -->\n```python\n(.*?)```", DOCS.read_text(), re.S)
+    assert match, f"recipe {name!r} not found in {DOCS}"
+    return match.group(1)
+
+
+def build_model() -> torch.nn.Module:
+    # 99 rows: an uneven FSDP2 shard (50 + 49); 99x64 is over the mini threshold, so it is row-blocked.
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 99), torch.nn.Tanh(), torch.nn.Linear(99, 8))
+
+
+def global_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 64, generator=gen), torch.randn(8, 8, generator=gen)) for _ in range(STEPS)]
+
+
+def rank_share(batches, rank: int, world: int):
+    size = batches[0][0].shape[0] // world
+    return [(x[rank * size:(rank + 1) * size], y[rank * size:(rank + 1) * size]) for x, y in batches]
+
+
+def loss_fn(out, target):
+    return torch.nn.functional.mse_loss(out, target)
+
+
+def fp32_state():
+    """Make ``from refadamw import RefAdamWMiniSF`` give fp32 state in this process."""
+    refadamw.RefAdamWMiniSF = functools.partial(RefAdamWMiniSF, state_dtype="fp32")
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+
+
+def snapshot(model, opt) -> dict:
+    """Parameters (y), averaged weights (x) and the controller's statistics, as plain tensors."""
+    out = {"y": [full(p) for p in model.parameters()]}
+    with opt.averaged():
+        out["x"] = [full(p) for p in model.parameters()]
+    out["controller"] = {k: v.clone() for k, v in opt.controller.state_dict().items()}
+    return out
+
+
+def single_process() -> dict:
+    """The same training on the whole global batches, in this process."""
+    model = build_model()
+    opt = RefAdamWMiniSF(model.parameters(), lr=1e-2, total_steps=STEPS, state_dtype="fp32")
+    for inputs, targets in global_batches():
+        loss = loss_fn(model(inputs), targets)
+        loss.backward()
+        opt.step(loss=loss.detach())
+        opt.zero_grad()
+    return snapshot(model, opt)
+
+
+# ------------------------------------------------------------------ workers
+
+
+def _worker(rank: int, world: int, port: int, out: str, body) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if sys.platform == "linux":  # gloo's own sockets on loopback too, not the host's first interface
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        try:
+            result = body(rank, world, Path(out))
+        finally:
+            dist.destroy_process_group()
+        torch.save(result, Path(out) / f"rank{rank}.pt")
+    except BaseException:
+        (Path(out) / f"rank{rank}.error").write_text(traceback.format_exc())
+        raise
+
+
+def ddp_body(rank, world, out: Path) -> dict:
+    fp32_state()
+    model = build_model()
+    namespace = dict(model=model, loader=rank_share(global_batches(), rank, world), loss_fn=loss_fn, steps=STEPS,
+                     checkpoint_path=out / "ddp_model.pt")
+    exec(recipe("ddp"), namespace)
+    return snapshot(model, namespace["opt"])
+
+
+def fsdp_body(rank, world, out: Path) -> dict:
+    from torch.distributed.tensor import DTensor
+
+    fp32_state()
+    batches = rank_share(global_batches(), rank, world)
+    common = dict(torch=torch, loss_fn=loss_fn, steps=STEPS, save_at=SAVE_AT, checkpoint_dir=str(out / "ckpt"))
+    run = dict(common, model=build_model(), loader=batches)
+    exec(recipe("fsdp2"), run)
+    model, opt = run["model"], run["opt"]
+    weight = model[0].weight
+    state = opt.state[weight]
+    layout = {
+        "param_is_dtensor": isinstance(weight, DTensor),
+        "z_is_dtensor": isinstance(state["z"], DTensor),
+        "v_sharded_dim0": [p.is_shard(0) for p in state["exp_avg_sq"].placements],
+        "v_local_rows": state["exp_avg_sq"].to_local().shape[0],
+        "param_local_rows": weight.to_local().shape[0],
+    }
+    result = dict(snapshot(model, opt), layout=layout)
+
+    # Resume from the step-SAVE_AT checkpoint in a fresh model and optimizer, then finish.
+    resumed = dict(common, model=build_model())
+    fsdp_part = recipe("fsdp2").split("opt = RefAdamWMiniSF")[0]  # build and shard, as the docs say
+    exec(fsdp_part, resumed)
+    exec(recipe("fsdp2-resume"), resumed)
+    model2, opt2 = resumed["model"], resumed["opt"]
+    for inputs, targets in batches[SAVE_AT:]:
+        loss = loss_fn(model2(inputs), targets)
+        loss.backward()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        opt2.step(loss=mean_loss / world)
+        opt2.zero_grad()
+    result["resumed"] = snapshot(model2, opt2)
+    result["errors"] = layouts_that_straddle_ranks()
+    result["auto_lr"] = auto_lr_run(batches, world)
+    return result
+
+
+def auto_lr_run(batches, world: int) -> list[torch.Tensor]:
+    """AdamWMiniSF (no controller) with auto-lr, which scales each step by the gradient's own norm."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = build_model()
+    for layer in (model[0], model[2], model):
+        fully_shard(layer)
+    opt = AdamWMiniSF(model.parameters(), lr=1e-2, auto_lr=True, state_dtype="fp32")
+    for inputs, targets in batches[:AUTO_LR_STEPS]:
+        loss_fn(model(inputs), targets).backward()
+        opt.step()
+        opt.zero_grad()
+    return [full(p) for p in model.parameters()]
+
+
+def auto_lr_single_process() -> list[torch.Tensor]:
+    model = build_model()
+    opt = AdamWMiniSF(model.parameters(), lr=1e-2, auto_lr=True, state_dtype="fp32")
+    for inputs, targets in global_batches()[:AUTO_LR_STEPS]:
+        loss_fn(model(inputs), targets).backward()
+        opt.step()
+        opt.zero_grad()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def layouts_that_straddle_ranks() -> dict[str, str]:
+    """The errors for block layouts that would cut a block across ranks (raised on the first step)."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    errors = {}
+    odd_rows = torch.nn.Linear(64, 98)  # 49 rows per rank: blocks of 2 rows would straddle
+    fully_shard(odd_rows)
+    by_columns = torch.nn.Linear(64, 98)
+    fully_shard(by_columns, shard_placement_fn=lambda param: Shard(1) if param.dim() == 2 else Shard(0))
+    for name, module, options in (("block_rows", odd_rows, {"block_rows": 2}), ("shard_dim1", by_columns, {})):
+        opt = RefAdamWMiniSF([{"params": module.parameters(), **options}], lr=1e-2)
+        module(torch.randn(2, 64)).sum().backward()
+        try:
+            opt.step()
+        except ValueError as error:
+            errors[name] = str(error)
+    plain = RefAdamWMiniSF(by_columns.parameters(), lr=1e-2, mini=False)  # per-element v works for any sharding
+    plain.step()
+    errors["mini_false_steps"] = int(plain.stats()["steps"])
+    return errors
+
+
+def ddp_and_fsdp_body(rank, world, out: Path) -> dict:
+    """Both runs in one process group: spawning and warming up workers is the slow part."""
+    return {"ddp": ddp_body(rank, world, out), "fsdp": fsdp_body(rank, world, out)}
+
+
+def launch(body, tmp_path: Path) -> list[dict]:
+    """Run ``body`` on WORLD ranks; kill them after TIMEOUT_S. Returns each rank's result."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(_worker, args=(WORLD, port, str(tmp_path), body), nprocs=WORLD, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                pytest.fail(f"distributed run did not finish within {TIMEOUT_S} s")
+    except mp.ProcessException:
+        errors = sorted(tmp_path.glob("rank*.error"))
+        pytest.fail("\n".join(e.read_text() for e in errors) or "a worker failed")
+    finally:
+        for process in ctx.processes:
+            if process.is_alive():
+                process.kill()
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def assert_close_lists(actual, expected, **tol):
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, **tol)
+
+
+TOL = dict(atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return single_process()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("distributed")
+
+
+@pytest.fixture(scope="module")
+def ranks(run_dir):
+    return launch(ddp_and_fsdp_body, run_dir)
+
+
+def test_ddp_matches_single_process(ranks, run_dir, reference):
+    ranks = [r["ddp"] for r in ranks]
+    for key in ("y", "x"):  # DDP all-reduces the gradients: the replicas are bit-identical
+        for a, b in zip(ranks[0][key], ranks[1][key]):
+            assert torch.equal(a, b)
+        assert_close_lists(ranks[0][key], reference[key], **TOL)
+    for key in ("gnorm_ema", "loss_ema", "lam"):
+        torch.testing.assert_close(ranks[0]["controller"][key], reference["controller"][key], **TOL)
+    saved = torch.load(run_dir / "ddp_model.pt")  # the recipe's save_averaged: x, not y
+    assert_close_lists(list(saved.values()), reference["x"], **TOL)
+    assert not torch.allclose(reference["x"][0], reference["y"][0])
+
+
+@pytest.fixture(scope="module")
+def fsdp_ranks(ranks):
+    return [r["fsdp"] for r in ranks]
+
+
+def test_fsdp2_state_is_sharded_and_blocks_are_shard_local(fsdp_ranks):
+    for rank, result in enumerate(fsdp_ranks):
+        layout = result["layout"]
+        assert layout["param_is_dtensor"] and layout["z_is_dtensor"]
+        assert layout["v_sharded_dim0"] == [True]
+        assert layout["v_local_rows"] == layout["param_local_rows"] == (50, 49)[rank]  # one block per local row
+
+
+def test_fsdp2_matches_single_process(fsdp_ranks, reference):
+    for result in fsdp_ranks:
+        for key in ("y", "x"):
+            assert_close_lists(result[key], reference[key], **TOL)
+        # The controller saw the whole-tensor gradient norms, not the shards'.
+        for key in ("gnorm_ema", "gnorm_var", "loss_ema", "lam"):
+            torch.testing.assert_close(result["controller"][key], reference["controller"][key], **TOL)
+
+
+def test_fsdp2_checkpoint_resume_matches_uninterrupted(fsdp_ranks):
+    for result in fsdp_ranks:
+        for key in ("y", "x"):  # bit-identical: saving switched the live run through x and back as well
+            for a, b in zip(result["resumed"][key], result[key]):
+                assert torch.equal(a, b)
+        for key in ("gnorm_ema", "loss_ema", "t"):
+            torch.testing.assert_close(result["resumed"]["controller"][key], result["controller"][key])
+
+
+def test_fsdp2_rejects_layouts_that_straddle_ranks(fsdp_ranks):
+    for result in fsdp_ranks:
+        errors = result["errors"]
+        assert "straddle ranks" in errors["block_rows"] and "block_rows dividing 49" in errors["block_rows"]
+        assert "mini=False" in errors["shard_dim1"] and "dim 0" in errors["shard_dim1"]
+        assert errors["mini_false_steps"] == 1
+
+
+def test_fsdp2_auto_lr_sees_whole_tensor_norms(fsdp_ranks):
+    # Without a controller the optimizer still needs each gradient's whole-tensor norm (auto-lr, hygiene).
+    expected = auto_lr_single_process()
+    for result in fsdp_ranks:
+        assert_close_lists(result["auto_lr"], expected, **TOL)

@@ -1,0 +1,141 @@
+"""Hugging Face Trainer: the docs recipe on a tiny GPT-2 built from a config (no downloads)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+from refadamw import AdamWMiniSF, RefAdamWMiniSF  # noqa: E402
+from refadamw.integrations.hf import RefAdamWCallback, optimizer_cls_and_kwargs, trainer_optimizers  # noqa: E402
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "integrations.md"
+MAX_STEPS = 10
+
+
+def recipe(name: str) -> str:
+    """The code block marked ``<!-- recipe: name -->`` in docs/integrations.md."""
+    match = re.search(rf"<!-- recipe: {re.escape(name)} -->\n```python\n(.*?)```", DOCS.read_text(), re.S)
+    assert match, f"recipe {name!r} not found in {DOCS}"
+    return match.group(1)
+
+
+class Tokens(torch.utils.data.Dataset):
+    """Random token sequences as causal-LM examples."""
+
+    def __init__(self, n: int, seed: int):
+        self.ids = torch.randint(0, 64, (n, 16), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def tiny_gpt2():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def run_recipe(output_dir: Path) -> dict:
+    namespace = dict(model=tiny_gpt2(), output_dir=str(output_dir), max_steps=MAX_STEPS,
+                     train_dataset=Tokens(64, 0), eval_dataset=Tokens(16, 1))
+    exec(recipe("hf"), namespace)
+    return namespace
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return run_recipe(tmp_path_factory.mktemp("hf"))
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return safetensors_torch.load_file(str(path))
+
+
+def test_callback_unwraps_accelerate_and_feeds_the_controller(trained):
+    trainer = trained["trainer"]
+    assert type(trainer.optimizer).__name__ == "AcceleratedOptimizer"
+    opt = trainer.optimizer.optimizer
+    assert isinstance(opt, RefAdamWMiniSF)
+    assert opt.total_steps == MAX_STEPS  # state.max_steps reached step()
+    controller = opt.controller.state_dict()
+    assert bool(controller["loss_seen"])  # logged losses were observed
+    assert int(controller["val_count"]) == 2  # eval_loss at steps 5 and 10
+    assert int(controller["t"]) == MAX_STEPS
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
+
+
+def test_saved_weights_are_the_averaged_ones(trained):
+    trainer, model = trained["trainer"], trained["model"]
+    opt = trainer.optimizer.optimizer
+    assert all(not g["train_mode"] for g in opt.param_groups)  # training ended in x
+    x = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    final = weights(Path(trainer.args.output_dir) / "model.safetensors")
+    last_checkpoint = weights(Path(trainer.args.output_dir) / f"checkpoint-{MAX_STEPS}" / "model.safetensors")
+    for key, value in final.items():
+        assert torch.equal(value, x[key])
+        assert torch.equal(last_checkpoint[key], x[key])
+    opt.train()
+    try:  # and x is not y: the test would catch a checkpoint of the training point
+        y = model.state_dict()
+        assert any(not torch.allclose(final[k], y[k]) for k in final)
+    finally:
+        opt.eval()
+    optim_state = torch.load(Path(trainer.args.output_dir) / f"checkpoint-{MAX_STEPS}" / "optimizer.pt",
+                             weights_only=False)
+    assert all(not g["train_mode"] for g in optim_state["param_groups"])  # saved in eval mode, matching x
+
+
+def test_resume_from_checkpoint_matches_uninterrupted(trained, tmp_path):
+    first = Path(trained["trainer"].args.output_dir)
+    namespace = dict(model=tiny_gpt2(), output_dir=str(first), max_steps=MAX_STEPS,
+                     train_dataset=Tokens(64, 0), eval_dataset=Tokens(16, 1))
+    code = recipe("hf").replace("trainer.train()", "trainer.train(resume_from_checkpoint=resume)")
+    code = code.replace("trainer.save_model()", "trainer.save_model(final_dir)")
+    exec(code, dict(namespace, resume=str(first / "checkpoint-5"), final_dir=str(tmp_path)))
+    resumed = weights(tmp_path / "model.safetensors")
+    uninterrupted = weights(first / "model.safetensors")
+    for key, value in uninterrupted.items():
+        torch.testing.assert_close(resumed[key], value, atol=1e-5, rtol=1e-4)
+
+
+def test_optimizer_cls_and_kwargs_path(tmp_path):
+    model = tiny_gpt2()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), weight_decay=0.1, lr_scheduler_type="constant",
+                                          report_to=[], max_steps=2)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(8, 0),
+                                   optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(lr=3e-3, total_steps=2),
+                                   callbacks=[RefAdamWCallback()])
+    opt = trainer.create_optimizer()
+    assert isinstance(opt, RefAdamWMiniSF)
+    assert opt.param_groups[0]["lr"] == 3e-3 and opt.total_steps == 2
+    assert sorted({g["weight_decay"] for g in opt.param_groups}) == [0.0, 0.1]
+
+
+def test_trainer_optimizers_returns_a_constant_schedule():
+    opt, scheduler = trainer_optimizers(tiny_gpt2(), optimizer_cls=AdamWMiniSF, lr=1e-3, weight_decay=0.1)
+    assert type(opt) is AdamWMiniSF
+    for _ in range(3):
+        opt.step()
+        scheduler.step()
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-3]
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(TypeError, match="eval_loss_key"):
+        RefAdamWCallback(eval_loss_key="")
+    with pytest.raises(TypeError, match="optimizer_cls"):
+        trainer_optimizers(tiny_gpt2(), optimizer_cls=torch.optim.SGD, lr=0.1)
+    with pytest.raises(TypeError, match="optimizer_cls"):
+        optimizer_cls_and_kwargs(torch.optim.AdamW, lr=0.1)
+    with pytest.raises(ValueError, match="lr"):
+        optimizer_cls_and_kwargs(lr=-1.0)
