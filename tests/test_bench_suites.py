@@ -65,7 +65,18 @@ def test_peak_memory_probe_sees_the_optimizer_state():
 def test_unknown_optimizer_and_bad_bench_arguments():
     with pytest.raises(ValueError, match="unknown optimizer"):
         optimizers.build("sgd", 1e-3, 10)
-    for argv in (["bench"], ["bench", "--suite", "nope"], ["bench", "--suite", "precision", "--seeds", "0"],
+    for argv in (["bench", "--suite", "nope"], ["bench", "--suite", "precision", "--seeds", "0"],
                  ["bench", "--suite", "precision", "--workloads", "mnist"]):
         with pytest.raises(SystemExit):
             cli.main(argv)
+
+
+def test_seed_suite_compares_legacy_with_the_front_door(tmp_path):
+    doc = tmp_path / "migrating.md"
+    doc.write_text("<!-- seed:start -->\nold\n<!-- seed:end -->\n")
+    assert cli.main(["bench", "--suite", "seed", "--quick", "--seeds", "1", "--workloads", "friedman",
+                     "--out", str(tmp_path), "--doc", str(doc)]) == 0
+    rows = json.loads((tmp_path / "seed.json").read_text())["seed"]
+    assert [r["optimizer"] for r in rows][:2] == ["legacy, lr 1e-3", "legacy, lr 1e-3, + loss (the injection runs)"]
+    assert all(len(r["final_val_loss"]) == 1 and r["steps_run"][0] > 0 for r in rows)
+    assert "Seed compatibility" in doc.read_text() and "old" not in doc.read_text()

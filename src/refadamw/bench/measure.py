@@ -56,3 +56,16 @@ def step_times(
                "state_bytes_per_param": state_bytes_per_param(setups[name])}
         for name in makers
     }
+
+
+def copy_bandwidth_gbs(numel: int = 1 << 26, rounds: int = 9) -> float:
+    """Memory bandwidth of a plain fp32 copy (bytes read + written per second, in GB/s), median."""
+    src = torch.randn(numel)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # first touch of dst's pages
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        dst.copy_(src)
+        samples.append(time.perf_counter() - start)
+    return 2 * numel * src.element_size() / statistics.median(samples) / 1e9

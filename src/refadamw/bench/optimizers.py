@@ -32,11 +32,18 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def build(name: str, lr: float | None, steps: int, **options) -> tuple[Callable, Callable | None]:
+NAMES = ("refadamw", "adamw_mini_sf", "adamw_cosine", "adamw_constant", "schedulefree", "adam_mini", "seed_legacy")
+"""Every optimizer :func:`build` knows, in the order reports list them."""
+
+
+def build(name: str, lr: float | None, steps: int, info: dict | None = None,
+          **options) -> tuple[Callable, Callable | None]:
     """``(make_optimizer, schedule)`` for optimizer ``name`` at peak lr ``lr`` (None: its default).
 
     ``options`` go to our optimizers' constructors (e.g. ``state_dtype``,
     ``ref_alpha``, ``repair``); ``ladder`` sets the controller's repair ladder.
+    ``info`` is the task's ``info`` (Adam-mini needs the model's ``dim`` and
+    ``n_heads``).
     """
     lr_kw = {} if lr is None else {"lr": lr}
     if name == "refadamw":
@@ -63,4 +70,22 @@ def build(name: str, lr: float | None, steps: int, **options) -> tuple[Callable,
         warmup = max(1, int(WARMUP_FRACTION * steps))
         return (lambda model: schedulefree.AdamWScheduleFree(model.parameters(), lr=lr or 2.5e-3,
                                                              warmup_steps=warmup)), None
-    raise ValueError(f"unknown optimizer {name!r}")
+    if name == "adam_mini":
+        try:
+            from adam_mini import Adam_mini
+        except ImportError as err:
+            raise MissingPeer("adam_mini is not installed (pip install adam-mini)") from err
+        shape = {k: v for k, v in (info or {}).items() if k in ("dim", "n_heads")}
+
+        def make_adam_mini(model):
+            # Adam-mini finds embeddings, heads and attention blocks by parameter name.
+            return Adam_mini(model.named_parameters(), lr=lr or 1e-3, weight_decay=0.0, verbose=False, **shape)
+
+        return make_adam_mini, None
+    if name == "seed_legacy":
+        from refadamwmini_schedulefree import RefAdamWminiScheduleFree
+
+        # The original arithmetic (SPEC.md §2) at the original defaults, called as trainers call it: no loss.
+        return (lambda model: RefAdamWminiScheduleFree(model.parameters(), lr=lr or 1e-3, legacy=True,
+                                                       ref_max_steps=steps)), None
+    raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(NAMES)}")

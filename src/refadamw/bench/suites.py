@@ -50,7 +50,7 @@ class Bench:
 
     def run(self, workload: str, name: str, lr: float, seed: int, *, spike=None, feed_loss=False, **options):
         task = runner.make_task(workload, seed, self.quick)
-        make, schedule = build(name, lr, task.steps, **options)
+        make, schedule = build(name, lr, task.steps, info=task.info, **options)
         built = []
 
         def make_and_keep(model):
@@ -244,7 +244,49 @@ def ladder(bench: Bench, workloads: tuple[str, ...]) -> tuple[dict, str]:
     return out, "\n".join(report)
 
 
-SUITES = {"precision": precision, "controller": controller, "ladder": ladder}
+# ----------------------------------------------------------------------------- seed
+
+def _seed_configs(steps: int) -> list[tuple[str, Callable, Callable | None, bool]]:
+    """``(label, make_optimizer, schedule, feed_loss)``: the original's arithmetic and the front door
+    as a seed-era script would call them (lr 1e-3, ``ref_max_steps`` = run length)."""
+    from refadamwmini_schedulefree import RefAdamWminiScheduleFree
+
+    legacy = lambda model: RefAdamWminiScheduleFree(model.parameters(), lr=1e-3, legacy=True, ref_max_steps=steps)
+    door = lambda model: RefAdamWminiScheduleFree(model.parameters(), lr=1e-3, ref_max_steps=steps)
+    defaults = lambda model: RefAdamWminiScheduleFree(model.parameters(), ref_max_steps=steps)
+    cosine, schedule = build("adamw_cosine", 3e-3, steps)
+    return [("legacy, lr 1e-3", legacy, None, False),
+            ("legacy, lr 1e-3, + loss (the injection runs)", legacy, None, True),
+            ("front door, lr=1e-3 passed, + loss", door, None, True),
+            ("front door, product defaults, + loss", defaults, None, True),
+            ("AdamW, warmup + cosine, lr 3e-3", cosine, schedule, False)]
+
+
+def seed(bench: Bench, workloads: tuple[str, ...]) -> tuple[dict, str]:
+    """The original's arithmetic (``legacy=True``) against the drop-in front door and AdamW (docs/migrating.md)."""
+    out: dict = {"seed": []}
+    for workload in workloads:
+        for index, (label, *_rest) in enumerate(_seed_configs(bench.steps(workload))):
+            row = {"workload": workload, "optimizer": label, "final_val_loss": [], "steps_run": []}
+            for s in bench.seeds:
+                task = runner.make_task(workload, s, bench.quick)
+                _, make, schedule, feed = _seed_configs(task.steps)[index]
+                result = runner.train(task, make, schedule=schedule, eval_every=0, feed_loss=feed)
+                row["final_val_loss"].append(result.final_val_loss)
+                row["steps_run"].append(result.steps_run)
+            out["seed"].append(row)
+            bench.log(f"  {workload} {label}: {row['final_val_loss']} after {row['steps_run']} steps")
+    header = ["workload", "optimizer"] + [f"seed {s}" for s in bench.seeds]
+    rows = [[r["workload"], r["optimizer"]] + [
+        f"{v:.4g}" if math.isfinite(v) else f"NaN by step {n + 1}" for v, n in zip(r["final_val_loss"], r["steps_run"])]
+        for r in out["seed"]]
+    report = ["### Seed compatibility", "",
+              "Final validation loss; a run stops at its first non-finite loss. \"+ loss\" passes the training "
+              "loss to `step(loss=...)` on every step; `ref_max_steps` is the run length.", "", _table(header, rows)]
+    return out, "\n".join(report)
+
+
+SUITES = {"precision": precision, "controller": controller, "ladder": ladder, "seed": seed}
 
 
 def run(suite: str, quick: bool, seeds: tuple[int, ...], workloads: tuple[str, ...]) -> tuple[dict, str]:

@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 import torch
 
 
+class MissingData(RuntimeError):
+    """A workload's data is not installed; the message says how to install it."""
+
+
 @dataclass
 class Task:
     """One training problem.

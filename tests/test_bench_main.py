@@ -1,0 +1,141 @@
+"""``refadamw bench``, the main job, shrunk to one workload and a small timing model."""
+
+import io
+import json
+
+import pytest
+
+from refadamw.bench import cli, main, optimizers
+from refadamw.bench.progress import Progress
+
+RUN_KEYS = {"workload", "optimizer", "lr", "seed", "final_val_loss", "state_bytes_per_param",
+            "step_time_ratio_vs_adamw_fused"}
+STEP_KEYS = {"params", "ratio_vs_adamw_fused", "ratio_vs_adamw_foreach", "bytes_moved_per_param", "ns_per_param",
+             "copy_bandwidth_gbs"}
+
+
+@pytest.fixture
+def small_timing(monkeypatch):
+    monkeypatch.setattr(main, "STEP_LAYERS", 2)
+    monkeypatch.setattr(main, "STEP_WIDTH", 256)
+    real = main.copy_bandwidth_gbs
+    monkeypatch.setattr(main, "copy_bandwidth_gbs", lambda: real(numel=1 << 20, rounds=3))
+
+
+def test_quick_main_job_writes_results_curves_readme_and_benchmarks(small_timing, tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench:start -->\nold\n<!-- bench:end -->\nend\n")
+    benchmarks = tmp_path / "BENCHMARKS.md"
+    names = "refadamw,adamw_cosine,schedulefree,seed_legacy"
+    assert cli.main(["bench", "--quick", "--workloads", "friedman", "--optimizers", names, "--out", str(tmp_path),
+                     "--readme", str(readme), "--benchmarks", str(benchmarks)]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["optimizers"] == names.split(",")
+    assert all(RUN_KEYS <= run.keys() for run in data["runs"])
+    assert {r["optimizer"] for r in data["runs"]} == set(names.split(","))
+    assert STEP_KEYS <= data["step_time"].keys()
+    assert data["step_time"]["bytes_moved_per_param"] == main.ours_bytes_moved_per_param()
+    assert data["step_time_per_optimizer"]["adamw_fused"]["ratio_vs_adamw_fused"] == 1.0
+    ours = [r for r in data["summary"] if r["optimizer"] == "refadamw"][0]
+    assert ours["lr"] == main.default_lr() and len(ours["final_val_loss"]) == 1
+    cosine = [r for r in data["summary"] if r["optimizer"] == "adamw_cosine"][0]
+    assert cosine["ratio_vs_adamw_cosine"] == 1.0
+    assert ours["ratio_vs_adamw_cosine"] == pytest.approx(ours["mean"] / cosine["mean"])
+    # lr × {1/3, 1, 3} for ours, AdamW+cosine and schedulefree; spikes for the same three.
+    assert {r["optimizer"] for r in data["lr_sensitivity"]} == {"refadamw", "adamw_cosine", "schedulefree"}
+    assert all(len(r["losses"]) == 3 for r in data["lr_sensitivity"])
+    assert {r["optimizer"] for r in data["spike"]} == {"refadamw", "adamw_cosine", "schedulefree"}
+    assert any(r["spike"] for r in data["runs"])
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "curves_friedman.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = readme.read_text()
+    assert "old" not in text and "refadamw (defaults)" in text and text.startswith("intro")
+    assert benchmarks.read_text().startswith("# Benchmarks")
+    assert "lr sensitivity" in benchmarks.read_text()
+    out = capsys.readouterr().out
+    assert "Final validation loss" in out and "Spike recovery" in out
+    # --render rebuilds the same report from results.json without running anything.
+    again = tmp_path / "again.md"
+    assert cli.main(["bench", "--render", str(tmp_path / "results.json"), "--benchmarks", str(again)]) == 0
+    assert again.read_text() == benchmarks.read_text()
+
+
+def test_render_refuses_what_is_not_a_main_results_file(tmp_path, capsys):
+    assert cli.main(["bench", "--render", str(tmp_path / "missing.json")]) == 1
+    (tmp_path / "ladder.json").write_text('{"suite": "ladder"}')
+    assert cli.main(["bench", "--render", str(tmp_path / "ladder.json")]) == 1
+    assert "not a main-suite results.json" in capsys.readouterr().err
+
+
+def test_missing_peer_is_skipped_with_a_note(monkeypatch, small_timing, tmp_path):
+    real = optimizers.build
+
+    def build(name, *args, **kwargs):
+        if name == "adam_mini":
+            raise optimizers.MissingPeer("adam_mini is not installed (pip install adam-mini)")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(main, "build", build)
+    monkeypatch.setattr(main, "SENSITIVITY", ())
+    monkeypatch.setattr(main, "SPIKED", ())
+    assert cli.main(["bench", "--quick", "--workloads", "friedman", "--optimizers", "adamw_cosine,adam_mini",
+                     "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert "adam_mini" in data["skipped"] and data["optimizers"] == ["adamw_cosine"]
+    assert "Skipped adam_mini" in (tmp_path / "results.md").read_text()
+
+
+def test_full_mode_tunes_peers_on_their_grid_and_keeps_ours_at_its_default():
+    bench = main.MainBench(False, (0, 1), ("friedman",), ("refadamw",))
+    assert bench.grid("adamw_cosine") == main.GRIDS["adamw_cosine"]
+    assert main.default_lr() in bench.grid("refadamw")
+    quick = main.MainBench(True, (0,), ("friedman",), ("refadamw",))
+    assert quick.grid("refadamw") == (main.default_lr(),) and len(quick.grid("schedulefree")) == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--optimizers", "sgd"], "--optimizers"),
+    (["bench", "--optimizers", "refadamw"], "adamw_cosine"),
+    (["bench", "--suite", "ladder", "--readme", "R.md"], "main suite"),
+    (["bench", "--seeds", "0"], "--seeds"),
+])
+def test_bad_bench_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_progress_bar_draws_on_a_terminal_and_logs_one_line_elsewhere():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    live, log = Tty(), io.StringIO()
+    for stream in (live, log):
+        bar = Progress(stream, total_runs=2)
+        bar.start("friedman refadamw", 10)
+        for step in range(1, 11):
+            bar.update(step, 0.5)
+        bar.finish("val loss 0.1")
+    assert "[1/2] friedman refadamw [" in live.getvalue() and "10/10" in live.getvalue()
+    assert log.getvalue() == "[1/2] friedman refadamw val loss 0.1\n"
+
+
+def test_workload_without_its_data_is_skipped_with_the_install_hint(monkeypatch, small_timing, tmp_path, capsys):
+    real = main.runner.make_task
+
+    def make_task(name, seed=0, quick=False):
+        if name == "fashion_mnist":
+            raise main.MissingData("Fashion-MNIST not found; apt-get install dataset-fashion-mnist")
+        return real(name, seed, quick)
+
+    monkeypatch.setattr(main.runner, "make_task", make_task)
+    monkeypatch.setattr(main, "SENSITIVITY", ())
+    monkeypatch.setattr(main, "SPIKED", ())
+    assert cli.main(["bench", "--quick", "--workloads", "fashion_mnist,friedman", "--optimizers", "adamw_cosine",
+                     "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["workloads"] == ["friedman"] and "apt-get" in data["skipped_workloads"]["fashion_mnist"]
+    assert cli.main(["bench", "--quick", "--workloads", "fashion_mnist", "--optimizers", "adamw_cosine",
+                     "--out", str(tmp_path)]) == 1
+    assert "apt-get" in capsys.readouterr().err
