@@ -166,16 +166,34 @@ _FP16_MIN_NORMAL = 2.0**-14
 _FP16_SUBNORMAL_ULP = 2.0**-24
 
 
-# The two kernels take contiguous tensors of any shape (stochastic_round passes flat ones, so one
+# The two kernels take contiguous 1-D or 2-D tensors (stochastic_round passes flat ones, so one
 # compiled graph per dtype serves every shape); element i of the flattened tensor gets word i.
+def _element_index(src: torch.Tensor) -> torch.Tensor:
+    """Each element's index in the flattened (contiguous) tensor, shaped like ``src`` (1-D or 2-D).
+
+    For a 2-D tensor it is built as ``row·cols + col``, not as a reshaped
+    ``arange``: the same numbers, but a compiled kernel then walks it in the
+    same 2-D loop as the rest of a fused update instead of a second, flat one.
+    """
+    if src.dim() == 2:
+        rows, cols = src.shape
+        rows_index = torch.arange(rows, dtype=torch.int32, device=src.device).unsqueeze(1)
+        return rows_index * cols + torch.arange(cols, dtype=torch.int32, device=src.device)
+    return torch.arange(src.numel(), dtype=torch.int32, device=src.device).view(src.shape)
+
+
+def _bits(src: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    return _mix32(_element_index(src) * _GOLDEN + key)
+
+
 def _round_bf16(src: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    bits = random_bits(src.numel(), key).view(src.shape)
+    bits = _bits(src, key)
     mask = (1 << _BF16_DROPPED) - 1
     return ((src.view(torch.int32) + (bits & mask)) & ~mask).view(torch.float32).to(torch.bfloat16)
 
 
 def _round_fp16(src: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    bits = random_bits(src.numel(), key).view(src.shape)
+    bits = _bits(src, key)
     mask = (1 << _FP16_DROPPED) - 1
     normal = ((src.view(torch.int32) + (bits & mask)) & ~mask).view(torch.float32)
     uniform = (bits >> _FP16_DROPPED & 0x3FFF).float() * 2.0**-14

@@ -89,7 +89,9 @@ def fused_pass(y, g, z, denom, coef, key_y, key_z) -> bool:
     if not available():
         return False
     if _compiled is None:
-        _compiled = torch.compile(sf_pass, dynamic=True)
+        # Without the raised threshold inductor stores g/denom (read by both the y and the z update) to
+        # a temporary and splits the update into two loops; recomputing it per use is cheaper.
+        _compiled = torch.compile(sf_pass, dynamic=True, options={"realize_reads_threshold": 64})
     try:
         # One graph per storage-dtype pair and shape class (square, not, one column): more than
         # dynamo's default of 8 for one function when bf16/fp16 parameters and state mix.
