@@ -2,7 +2,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refadamw.averaging import averaging_weight, warmup_factor, x_to_y, y_step_coefficient, y_to_x
+from refadamw.averaging import averaging_weight, offset_coefficients, warmup_factor, x_to_y, y_to_x
 
 T = torch.tensor
 
@@ -35,18 +35,33 @@ def test_warmup_factor():
 
 
 @settings(max_examples=50, deadline=None)
-@given(beta1=st.floats(0.05, 0.99), c=st.floats(0.0, 1.0), eta=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
-def test_in_place_y_update_equals_the_three_sequences(beta1, c, eta, seed):
+@given(beta1=st.floats(0.05, 0.99), c=st.floats(0.0, 1.0), eta=st.floats(0.0, 1.0), rho=st.floats(0.0, 1.0),
+       repair=st.booleans(), seed=st.integers(0, 2**16))
+def test_offset_update_equals_the_three_sequences(beta1, c, eta, rho, repair, seed):
     gen = torch.Generator().manual_seed(seed)
     x, z, d = (torch.randn(5, generator=gen, dtype=torch.float64) for _ in range(3))
     y = (1 - beta1) * z + beta1 * x
-    # the paper's form
+    offset = z - y  # what the optimizer stores
+    # the paper's form, with the Ref repair z <- z + rho (x - z) first
+    if repair:
+        z = z + rho * (x - z)
     z_next = z - eta * d
     x_next = (1 - c) * x + c * z_next
     y_next = (1 - beta1) * z_next + beta1 * x_next
-    # the kernels' form
-    c_t, eta_t = T(c, dtype=torch.float64), T(eta, dtype=torch.float64)
-    got = torch.lerp(y, z, c_t) + y_step_coefficient(eta_t, c_t, beta1) * d
-    torch.testing.assert_close(got, y_next)
-    torch.testing.assert_close(y_to_x(y, z, beta1), x)
-    torch.testing.assert_close(x_to_y(x, z, beta1), y)
+    # the kernels' form, on the stored pair (y, z - y)
+    f64 = lambda v: T(v, dtype=torch.float64)  # noqa: E731
+    k = offset_coefficients(f64(eta), f64(c), beta1, f64(rho) if repair else None)
+    got_y = y + k.y_offset * offset + k.y_step * d
+    got_offset = k.offset_decay * offset + k.offset_step * d
+    torch.testing.assert_close(got_y, y_next)
+    torch.testing.assert_close(got_offset, z_next - y_next)
+    torch.testing.assert_close(y_to_x(y, offset, beta1), x)
+    torch.testing.assert_close(x_to_y(x, offset, beta1), y)
+
+
+def test_a_skipped_step_is_exactly_the_identity():
+    y, offset, d = torch.randn(3, 7).unbind()
+    zero = T(0.0)
+    k = offset_coefficients(zero, zero, 0.9, zero)
+    assert torch.equal(y + k.y_offset * offset + k.y_step * d, y)
+    assert torch.equal(k.offset_decay * offset + k.offset_step * d, offset)

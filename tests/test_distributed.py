@@ -134,7 +134,7 @@ def fsdp_body(rank, world, out: Path) -> dict:
     state = opt.state[weight]
     layout = {
         "param_is_dtensor": isinstance(weight, DTensor),
-        "z_is_dtensor": isinstance(state["z"], DTensor),
+        "z_minus_y_is_dtensor": isinstance(state["z_minus_y"], DTensor),
         "v_sharded_dim0": [p.is_shard(0) for p in state["exp_avg_sq"].placements],
         "v_local_rows": state["exp_avg_sq"].to_local().shape[0],
         "param_local_rows": weight.to_local().shape[0],
@@ -280,7 +280,7 @@ def fsdp_ranks(ranks):
 def test_fsdp2_state_is_sharded_and_blocks_are_shard_local(fsdp_ranks):
     for rank, result in enumerate(fsdp_ranks):
         layout = result["layout"]
-        assert layout["param_is_dtensor"] and layout["z_is_dtensor"]
+        assert layout["param_is_dtensor"] and layout["z_minus_y_is_dtensor"]
         assert layout["v_sharded_dim0"] == [True]
         assert layout["v_local_rows"] == layout["param_local_rows"] == (50, 49)[rank]  # one block per local row
 

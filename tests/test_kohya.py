@@ -125,10 +125,11 @@ def _stepped(optimizer):
 
 
 def _averaged(y, optimizer, network_keys):
-    """x = (y − (1−β1)·z)/β1 (SPEC §3 item 4) from the parameters y and the stored z."""
+    """x = (y − (1−β1)·z)/β1 (SPEC §3 item 4) from the parameters y and the stored δ = z − y."""
     beta1 = optimizer.param_groups[0]["betas"][0]
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    return {k: (y[k] - (1 - beta1) * optimizer.state[p]["z"].float()) / beta1 for k, p in zip(network_keys, params)}
+    return {k: (y[k] - (1 - beta1) * (y[k] + optimizer.state[p]["z_minus_y"].float())) / beta1
+            for k, p in zip(network_keys, params)}
 
 
 def _close(a, b, tol=1e-6):
@@ -146,7 +147,7 @@ RECIPE = ["state_dtype='bf16'", "total_steps=12"]  # docs/migrating.md: product 
 def test_string_dtypes_parse_through_literal_eval(optimizer_type, args):
     optimizer = get_optimizer(optimizer_type, args, _network().parameters())
     assert parse_state_dtype(optimizer.defaults["state_dtype"]) == torch.bfloat16
-    assert all(s["z"].dtype == torch.bfloat16 for s in _stepped(optimizer).state.values())
+    assert all(s["z_minus_y"].dtype == torch.bfloat16 for s in _stepped(optimizer).state.values())
     assert optimizer.total_steps == 12
 
 

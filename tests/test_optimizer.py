@@ -127,7 +127,7 @@ def test_low_precision_parameters_are_updated_with_fp32_state(device):
     before = _snapshot(model)
     _train(model, opt, 3)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
-    assert all(s["z"].dtype == torch.float32 and s["exp_avg_sq"].dtype == torch.float32 for s in opt.state.values())
+    assert all(s["z_minus_y"].dtype == torch.float32 and s["exp_avg_sq"].dtype == torch.float32 for s in opt.state.values())
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
@@ -185,7 +185,7 @@ def test_state_keeps_its_dtype_when_loaded(device):
     _train(model, opt, 2)
     opt2 = AdamWMiniSF(model.parameters(), state_dtype="fp32")
     opt2.load_state_dict(opt.state_dict())
-    assert all(s["z"].dtype == torch.float32 for s in opt2.state.values())
+    assert all(s["z_minus_y"].dtype == torch.float32 for s in opt2.state.values())
 
 
 def _loaded_state_unchanged(opt, bad, error, match):
@@ -226,7 +226,7 @@ def test_loading_malformed_state_fails_cleanly(device):
     opt = AdamWMiniSF(model.parameters())
     _train(model, opt, 2)
     bad = copy.deepcopy(opt.state_dict())
-    bad["state"][0]["z"] = bad["state"][0]["z"][:3]
+    bad["state"][0]["z_minus_y"] = bad["state"][0]["z_minus_y"][:3]
     _loaded_state_unchanged(opt, bad, ValueError, "shape")
     bad = copy.deepcopy(opt.state_dict())
     del bad["state"][1]["exp_avg_sq"]
@@ -237,7 +237,7 @@ def test_loading_malformed_state_fails_cleanly(device):
     _loaded_state_unchanged(opt, {"state": {}}, ValueError, "param_groups")
     _loaded_state_unchanged(opt, [1, 2], TypeError, "mapping")
     bad = copy.deepcopy(opt.state_dict())
-    bad["state"][0]["exp_avg"] = bad["state"][0].pop("z")  # momentum state under a Schedule-Free group
+    bad["state"][0]["exp_avg"] = bad["state"][0].pop("z_minus_y")  # momentum state under a Schedule-Free group
     _loaded_state_unchanged(opt, bad, ValueError, "keys")
     bad = copy.deepcopy(opt.state_dict())
     bad["state"][0]["step"] = 3

@@ -60,7 +60,7 @@ def _neighbours(x: float, dtype: torch.dtype) -> tuple[float, float]:
     return tuple(sorted((near.float().item(), other)))
 
 
-def _key(step=1, salt=Salt.Z, ordinal=0, seed=0):
+def _key(step=1, salt=Salt.Z_MINUS_Y, ordinal=0, seed=0):
     return rounding_keys(torch.tensor(tensor_key(seed, ordinal), dtype=torch.int32), torch.tensor(float(step)), salt)
 
 

@@ -9,13 +9,22 @@ SPEC.md §3 item 4, after Defazio et al., "The Road Less Scheduled" (NeurIPS
 
 with weights ``c_t = w_t/Σ_{s≤t} w_s`` and ``w_t = lr_max_t²``, ``lr_max_t``
 being the largest warmup-scaled lr seen so far. The parameter tensor holds
-``y`` while training and ``x`` after ``eval()``; only ``z`` is stored, and
-``x = (y − (1−β1)·z)/β1`` is recovered from the other two.
+``y`` while training and ``x`` after ``eval()``.
+
+**What is stored.** Not ``z`` but its offset from the training point,
+``δ = z − y``. It starts at exactly 0 (z = x = y), so a step with a zero
+gradient leaves the weights exactly where they were, and in bf16/fp16
+storage its rounding error scales with ``|z − y|``, not with ``|z|``: a
+bf16 copy of ``z`` would re-round the weights themselves to bf16 precision
+on the first step. Since ``y − z = β1·(x − z)``, the average is
+
+    x = y − (1−β1)/β1 · δ                        (y_to_x, and back: x_to_y)
 
 Substituting the three lines into each other gives the in-place update used
-by the kernels (no ``x`` needed):
+by the kernels (no ``x`` needed), with ``d_t`` the step direction:
 
-    y_{t+1} = (1−c_t)·y_t + c_t·z_t + η_t·(β1·(1−c_t) − 1)·d_t
+    y_{t+1} = y_t + c_t·δ_t + η_t·(β1·(1−c_t) − 1)·d_t
+    δ_{t+1} = (1−c_t)·(δ_t − η_t·β1·d_t)
 
 The Ref controller (SPEC.md §3 items 5–6) acts through two more pieces here:
 
@@ -23,17 +32,20 @@ The Ref controller (SPEC.md §3 items 5–6) acts through two more pieces here:
   ``x ← (1−λ)·x + λ·z``, which is the same as averaging with
   ``c_eff = c + λ·(1−c)`` (:func:`ref_weight`);
 * repair: the fast iterate is pulled back toward the average,
-  ``z ← z + ρ·(x − z)``, with ``x`` unchanged. Since ``x − z = (y − z)/β1``,
+  ``z ← z + ρ·(x − z)``, with ``x`` unchanged. Since ``x − z = −δ/β1``,
   in terms of the stored pair this is, with ``a = ρ·(1−β1)/β1``,
 
-      y ← y + a·(y − z)                       = lerp(y, z, −a)
-      z ← z + (a+ρ)/(1+a)·(y_new − z)          = lerp(z, y_new, (a+ρ)/(1+a))
+      y ← y − a·δ,      δ ← (1−ρ)·δ
 
-  (:func:`pull_weights`): two in-place lerps with no temporary, and no
-  division that can vanish. ρ = 1 puts both y and z at x.
+  ρ = 1 puts both y and z at x.
+
+:func:`offset_coefficients` folds repair and averaging into one pair of
+updates, ``y ← y + k_y·δ + s_y·d`` and ``δ ← k_δ·δ + s_δ·d``.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -59,19 +71,14 @@ def averaging_weight(
     return c, lr_max, weight_sum
 
 
-def y_step_coefficient(eta: torch.Tensor, c: torch.Tensor, beta1: float) -> torch.Tensor:
-    """The factor ``η·(β1·(1−c) − 1)`` multiplying ``d`` in the ``y`` update."""
-    return eta * (beta1 * (1.0 - c) - 1.0)
+def y_to_x(y: torch.Tensor, z_minus_y: torch.Tensor, beta1: float) -> torch.Tensor:
+    """The average ``x = y − (1−β1)/β1·(z − y)`` from the training point ``y``."""
+    return y - ((1.0 - beta1) / beta1) * z_minus_y
 
 
-def y_to_x(y: torch.Tensor, z: torch.Tensor, beta1: float) -> torch.Tensor:
-    """The average ``x = (y − (1−β1)·z)/β1`` from the training point ``y``."""
-    return torch.lerp(y, z, 1.0 - 1.0 / beta1)
-
-
-def x_to_y(x: torch.Tensor, z: torch.Tensor, beta1: float) -> torch.Tensor:
-    """The training point ``y = (1−β1)·z + β1·x`` from the average ``x``."""
-    return torch.lerp(x, z, 1.0 - beta1)
+def x_to_y(x: torch.Tensor, z_minus_y: torch.Tensor, beta1: float) -> torch.Tensor:
+    """The training point ``y = x + (1−β1)/β1·(z − y)`` from the average ``x``."""
+    return x + ((1.0 - beta1) / beta1) * z_minus_y
 
 
 def ref_weight(c: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
@@ -79,7 +86,27 @@ def ref_weight(c: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     return c + lam * (1.0 - c)
 
 
-def pull_weights(rho: torch.Tensor, beta1: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lerp weights ``(−a, (a+ρ)/(1+a))`` for ``y`` then ``z`` that pull ``z`` toward ``x`` by ρ."""
-    a = rho * ((1.0 - beta1) / beta1)
-    return -a, (a + rho) / (1.0 + a)
+class OffsetCoefficients(NamedTuple):
+    """One step in the stored coordinates: ``y ← y + y_offset·δ + y_step·d``, ``δ ← offset_decay·δ + offset_step·d``."""
+
+    y_offset: torch.Tensor
+    y_step: torch.Tensor
+    offset_decay: torch.Tensor
+    offset_step: torch.Tensor
+
+
+def offset_coefficients(eta: torch.Tensor, c: torch.Tensor, beta1: float,
+                        rho: torch.Tensor | None = None) -> OffsetCoefficients:
+    """Repair by ρ (none when ``rho`` is None), then the averaging step with weight ``c`` and step size η.
+
+    Repair first: ``y' = y − a·δ``, ``δ' = (1−ρ)·δ`` with ``a = ρ·(1−β1)/β1``; then
+    ``y ← y' + c·δ' + η·(β1·(1−c) − 1)·d`` and ``δ ← (1−c)·(δ' − η·β1·d)``.
+    With η = c = ρ = 0 (a skipped step) both are exactly the identity.
+    """
+    keep = 1.0 - c
+    if rho is None:
+        y_offset, offset_decay = c, keep
+    else:
+        y_offset = c * (1.0 - rho) - rho * ((1.0 - beta1) / beta1)
+        offset_decay = keep * (1.0 - rho)
+    return OffsetCoefficients(y_offset, eta * (beta1 * keep - 1.0), offset_decay, -(keep * eta * beta1))

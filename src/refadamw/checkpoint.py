@@ -71,7 +71,7 @@ def _check_path(path: Any) -> None:
 def averaged_state_dict(model: torch.nn.Module, optimizer: Any) -> dict[str, torch.Tensor]:
     """A copy of ``model.state_dict()`` holding the averaged weights ``x``.
 
-    ``x = (y − (1−β1)·z)/β1`` is computed into the copy; the parameters and the
+    ``x = y − (1−β1)/β1·(z − y)`` is computed into the copy; the parameters and the
     optimizer's mode are not touched, so the training point ``y`` stays
     bit-identical (an ``eval()``/``train()`` round trip is exact only up to
     rounding, which would make DDP replicas differ if one rank saved alone).
@@ -91,11 +91,11 @@ def _averages(opt: AdamWMiniSF) -> dict[int, torch.Tensor]:
         if not group["schedule_free"] or not group["train_mode"]:
             continue  # eval mode: the parameters already hold x
         for param in group["params"]:
-            z = opt.state.get(param, {}).get("z")
-            if z is None:
+            offset = opt.state.get(param, {}).get("z_minus_y")
+            if offset is None:
                 continue  # never stepped: x = y = z
             dtype = compute_dtype(param.dtype)
-            out[id(param)] = y_to_x(param.detach().to(dtype), z.to(dtype), group["betas"][0]).to(param.dtype)
+            out[id(param)] = y_to_x(param.detach().to(dtype), offset.to(dtype), group["betas"][0]).to(param.dtype)
     return out
 
 

@@ -75,7 +75,7 @@ def _validate_hyperparameters(g: Mapping[str, Any]) -> None:
     _check_number("schedulefree_alpha", g["schedulefree_alpha"], 0.0, low_open=True, high=1.0)
     if g["schedule_free"] and betas[0] == 0:
         raise ValueError(
-            "betas[0] must be > 0 when schedule_free=True: the average x = (y - (1-beta1)·z)/beta1 "
+            "betas[0] must be > 0 when schedule_free=True: the average x = y - (1-beta1)/beta1·(z - y) "
             "cannot be recovered with beta1 = 0"
         )
     rows = g["block_rows"]
@@ -123,7 +123,7 @@ class AdamWMiniSF(torch.optim.Optimizer):
         mini: block-wise second moment; ``False`` for per-element ``v``.
         block_rows: dim-0 slices per second-moment block (e.g. rows per head).
         schedule_free: ``False`` gives AdamW-mini with momentum, for ablations.
-        state_dtype: storage dtype of ``z`` (or the momentum): ``"auto"``
+        state_dtype: storage dtype of ``z − y`` (or the momentum): ``"auto"``
             (bf16; fp64 for fp64 parameters), ``"fp32"``, ``"bf16"``,
             ``"fp16"`` or a ``torch.dtype``. ``v`` is stored in the same dtype,
             except that it is never fp16. Writes into bf16/fp16 (state or
@@ -223,15 +223,15 @@ class AdamWMiniSF(torch.optim.Optimizer):
         expected["exp_avg_sq"] = (layout.state_shape(param.shape), second_moment_dtype(storage))
         if group["schedule_free"]:
             expected.update({key: scalar for key in _SF_SCALAR_STATE})
-            expected["z"] = (param.shape, storage)
+            expected["z_minus_y"] = (param.shape, storage)
         else:
             expected["exp_avg"] = (param.shape, storage)
         return expected
 
     def _init_state(self, group: Mapping[str, Any], param: torch.Tensor, ordinal: int) -> dict[str, torch.Tensor]:
-        """Fresh state for ``param``'s first step: no buffer is zero-filled.
+        """Fresh state for ``param``'s first step.
 
-        ``z`` starts as a copy of the parameter (Schedule-Free starts with
+        ``z_minus_y`` starts at exactly 0 (Schedule-Free starts with
         z = x = y); the moment buffers are left uninitialised because the
         kernels compute them directly from the first gradient.
         """
@@ -239,18 +239,17 @@ class AdamWMiniSF(torch.optim.Optimizer):
         expected = self._expected_state(group, param)
         shard = sharding.local(param)  # a DTensor's state is built shard-local, then wrapped like it
         layout = sharding.local_layout(block_layout(param.shape, group["mini"], group["block_rows"]), param)
-        local_shapes = {"exp_avg_sq": layout.state_shape(shard.shape), "exp_avg": shard.shape, "z": shard.shape}
+        local_shapes = {"exp_avg_sq": layout.state_shape(shard.shape), "exp_avg": shard.shape,
+                        "z_minus_y": shard.shape}
         for key, (shape, dtype) in expected.items():
             if key == "rounding_key":
                 state[key] = torch.tensor(tensor_key(self.seed, ordinal), dtype=dtype, device=shard.device)
             elif key in local_shapes:
-                buffer = torch.empty(local_shapes[key], dtype=dtype, device=shard.device)
-                state[key] = sharding.like_param(buffer, param, shape)
+                make = torch.zeros if key == "z_minus_y" else torch.empty
+                state[key] = sharding.like_param(make(local_shapes[key], dtype=dtype, device=shard.device),
+                                                 param, shape)
             else:
                 state[key] = torch.zeros(shape, dtype=dtype, device=shard.device)
-        if "z" in state:  # a copy of the parameter, stochastically rounded if z is narrower
-            key = rounding_keys(state["rounding_key"], state["step"], Salt.Z)
-            write_back(sharding.local(state["z"]), shard.detach().to(compute_dtype(param.dtype)), key)
         return state
 
     def _collect(self, group: dict[str, Any], first_ordinal: int):
@@ -367,13 +366,13 @@ class AdamWMiniSF(torch.optim.Optimizer):
             beta1 = group["betas"][0]
             for p in group["params"]:
                 state = self.state.get(p, {})
-                if "z" not in state:
+                if "z_minus_y" not in state:
                     continue  # never stepped: y = x = z, nothing to convert
                 dtype = compute_dtype(p.dtype)
                 convert = x_to_y if to_train else y_to_x
                 key = rounding_keys(state["rounding_key"], state["step"], Salt.MODE_SWITCH)
-                y, z = sharding.local(p), sharding.local(state["z"])  # elementwise: shard-local
-                write_back(y, convert(y.to(dtype), z.to(dtype), beta1), key)
+                current, offset = sharding.local(p), sharding.local(state["z_minus_y"])  # elementwise: shard-local
+                write_back(current, convert(current.to(dtype), offset.to(dtype), beta1), key)
             group["train_mode"] = to_train
 
     def train(self) -> None:

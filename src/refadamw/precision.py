@@ -75,7 +75,7 @@ def parse_state_dtype(value: object) -> torch.dtype | str:
 
 
 def resolve_state_dtype(requested: object, param_dtype: torch.dtype) -> torch.dtype:
-    """The storage dtype of ``z`` (or the momentum) for a parameter of ``param_dtype``.
+    """The storage dtype of ``z − y`` (or the momentum) for a parameter of ``param_dtype``.
 
     ``"auto"`` means bf16, except fp64 for fp64 parameters: on the benchmark
     workloads bf16 state with stochastic rounding matched fp32 state
@@ -104,7 +104,7 @@ class Salt(enum.IntEnum):
     """Which buffer a write goes to, so two buffers of one tensor get independent noise."""
 
     PARAM = 1
-    Z = 2
+    Z_MINUS_Y = 2
     EXP_AVG = 3
     EXP_AVG_SQ = 4
     MODE_SWITCH = 5

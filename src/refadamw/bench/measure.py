@@ -69,3 +69,30 @@ def copy_bandwidth_gbs(numel: int = 1 << 26, rounds: int = 9) -> float:
         dst.copy_(src)
         samples.append(time.perf_counter() - start)
     return 2 * numel * src.element_size() / statistics.median(samples) / 1e9
+
+
+def low_precision_drift(state_dtype: str, *, lr: float = 1e-5, steps: int = 100, layers: int = 2,
+                        width: int = 128) -> dict[str, float]:
+    """How far low-precision state moves the weights away from an fp32-state run, relative to how far
+    the weights moved at all: ``‖w_low − w_fp32‖ / ‖w_fp32 − w_0‖`` for ``y`` (train mode) and ``x``
+    (after ``eval()``), on random gradients at a fine-tuning lr, where a step is far below the weights'
+    bf16 spacing."""
+    from .. import AdamWMiniSF
+
+    runs = {}
+    for setting in ("fp32", state_dtype):
+        model = linear_stack(layers, width)
+        start = torch.cat([p.detach().flatten() for p in model.parameters()])
+        opt = AdamWMiniSF(model.parameters(), lr=lr, warmup_steps=0, state_dtype=setting)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(steps):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=gen) * 0.01
+            opt.step()
+        y = torch.cat([p.detach().flatten() for p in model.parameters()])
+        opt.eval()
+        runs[setting] = start, y, torch.cat([p.detach().flatten() for p in model.parameters()])
+    start, y32, x32 = runs["fp32"]
+    _, y_low, x_low = runs[state_dtype]
+    return {"y": ((y_low - y32).norm() / (y32 - start).norm()).item(),
+            "x": ((x_low - x32).norm() / (x32 - start).norm()).item()}

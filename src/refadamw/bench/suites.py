@@ -22,7 +22,7 @@ import torch
 
 from . import runner
 from .memory import peak_memory
-from .measure import linear_stack, state_bytes_per_param, step_times
+from .measure import linear_stack, low_precision_drift, state_bytes_per_param, step_times
 from .optimizers import MissingPeer, build
 
 LR_GRIDS = {"refadamw": (3e-3, 1e-2, 2e-2), "schedulefree": (3e-3, 1e-2, 2e-2), "adamw_cosine": (1e-3, 3e-3, 1e-2)}
@@ -100,6 +100,7 @@ def precision(bench: Bench, workloads: tuple[str, ...]) -> tuple[dict, str]:
         opt = AdamWMiniSF(model.parameters(), state_dtype=setting)
         opt.step()
         out["bytes_per_param"][setting] = state_bytes_per_param(opt)
+    out["fine_tuning_drift"] = {setting: low_precision_drift(setting) for setting in ("bf16", "fp16")}
     bench.log("precision: quality of fp32 against bf16 state")
     for workload in workloads:
         lr = bench.lr_for(workload, "refadamw", state_dtype="fp32")
@@ -132,6 +133,10 @@ def precision(bench: Bench, workloads: tuple[str, ...]) -> tuple[dict, str]:
     n = len(bench.seeds)
     report = ["### State precision", "", "State bytes per parameter, 4×Linear(512, 512):", "",
               _table(["state_dtype", "bytes/param"], [[k, v] for k, v in out["bytes_per_param"].items()]), "",
+              "Drift from an fp32-state run at a fine-tuning lr (1e-5, 100 steps, 2×Linear(128, 128)): "
+              "‖w − w_fp32‖ / ‖w_fp32 − w_start‖:", "",
+              _table(["state_dtype", "y (training weights)", "x (averaged weights)"],
+                     [[k, v["y"], v["x"]] for k, v in out["fine_tuning_drift"].items()]), "",
               f"Final validation loss, mean of {n} seed(s), at the best lr of RefAdamWMiniSF with fp32 state:", "",
               _table(["workload", "lr", "fp32 state", "bf16 state", "bf16 / fp32"],
                      [[r["workload"], r["lr"], _mean(r["fp32"]), _mean(r["bf16"]), r["ratio_bf16_vs_fp32"]]

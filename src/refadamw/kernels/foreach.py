@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..auto_lr import step_size, update_norm_ema
-from ..averaging import averaging_weight, pull_weights, ref_weight, warmup_factor, y_step_coefficient
+from ..averaging import averaging_weight, offset_coefficients, ref_weight, warmup_factor
 from ..partition import BlockLayout
 from ..precision import Salt, rounding_keys
 from . import fused as fused_kernel
@@ -109,18 +109,17 @@ def _update_bucket(params, grads, norm, states, layouts, fresh, h: Hyper, keep, 
     scalars = {
         "v_weight": (1 - h.beta2) * keep_f,
         "sqrt_bias2": (1 - h.beta2 ** step.clamp(min=1)).sqrt(),
-        "z_step": -eta,
     }
     if h.schedule_free:
         c, new["lr_max"], new["weight_sum"] = averaging_weight(lr_t, old["lr_max"], old["weight_sum"])
+        rho = None
         if ref is not None:
-            lam, pull = ref
-            c = ref_weight(c, lam.to(dtype))
-            scalars["pull_y"], scalars["pull_z"] = pull_weights(pull.to(dtype), h.beta1)
+            lam, rho = ref
+            c, rho = ref_weight(c, lam.to(dtype)), rho.to(dtype)
         c = torch.where(keep, c, zero)
-        scalars.update(c=c, y_step=y_step_coefficient(eta, c, h.beta1))
+        scalars.update(offset_coefficients(eta, c, h.beta1, rho)._asdict())
     else:
-        scalars.update(m_weight=(1 - h.beta1) * keep_f, bias1=1 - h.beta1 ** step.clamp(min=1))
+        scalars.update(y_step=-eta, m_weight=(1 - h.beta1) * keep_f, bias1=1 - h.beta1 ** step.clamp(min=1))
 
     # Large tensors in chunks: on CPU every fresh full-size temporary costs
     # page faults, and freeing many at once returns them to the OS, so keep
@@ -132,7 +131,7 @@ def _update_bucket(params, grads, norm, states, layouts, fresh, h: Hyper, keep, 
     per_tensor["fresh"] = fresh
     per_tensor["key_param"] = _rounding_keys(states, step, Salt.PARAM, params, dtype)
     per_tensor["key_v"] = _rounding_keys(states, step, Salt.EXP_AVG_SQ, [s["exp_avg_sq"] for s in states], dtype)
-    buffer, salt = ("z", Salt.Z) if h.schedule_free else ("exp_avg", Salt.EXP_AVG)
+    buffer, salt = ("z_minus_y", Salt.Z_MINUS_Y) if h.schedule_free else ("exp_avg", Salt.EXP_AVG)
     per_tensor["key_buffer"] = _rounding_keys(states, step, salt, [s[buffer] for s in states], dtype)
     for part in _chunks(params, max_numel):
         _update_tensors(params[part], grads[part], states[part], layouts[part], h, dtype,
@@ -143,14 +142,13 @@ def _update_bucket(params, grads, norm, states, layouts, fresh, h: Hyper, keep, 
 
 
 def _fused_coefficients(scalars: dict[str, torch.Tensor], h: Hyper, n: int, device) -> torch.Tensor:
-    """An ``(n, 6)`` fp32 matrix: each tensor's scalars in the order of ``fused.COEFFICIENTS``."""
-    values = {"weight_decay": torch.tensor(float(h.weight_decay), device=device),
-              "pull_y": torch.zeros((), device=device), "pull_z": torch.zeros((), device=device), **scalars}
+    """An ``(n, 5)`` fp32 matrix: each tensor's scalars in the order of ``fused.COEFFICIENTS``."""
+    values = {"weight_decay": torch.tensor(float(h.weight_decay), device=device), **scalars}
     return torch.stack([values[name].float().expand(n) for name in fused_kernel.COEFFICIENTS], dim=1)
 
 
 def _update_tensors(params, grads, states, layouts, h: Hyper, dtype, k: dict[str, list[torch.Tensor]]):
-    if "coef" in k and all(fused_kernel.eligible(p, g, s["z"]) for p, g, s in zip(params, grads, states)):
+    if "coef" in k and all(fused_kernel.eligible(p, g, s["z_minus_y"]) for p, g, s in zip(params, grads, states)):
         return _fused_update(params, grads, states, layouts, h, dtype, k)
     grads = finite_grads([g.to(dtype) for g in grads])
     blocked_grads = [lay.blocked(g) for lay, g in zip(layouts, grads)]
@@ -174,18 +172,16 @@ def _update_tensors(params, grads, states, layouts, h: Hyper, dtype, k: dict[str
         torch._foreach_add_(ds, blocked_ys, alpha=h.weight_decay)
 
     if h.schedule_free:
-        zs = [working_copy(s["z"], dtype) for s in states]
-        blocked_zs = [lay.blocked(z) for lay, z in zip(layouts, zs)]
-        if "pull_y" in k:  # Ref repair: z ← z + ρ·(x − z), keeping x
-            torch._foreach_lerp_(blocked_ys, blocked_zs, k["pull_y"])
-            torch._foreach_lerp_(blocked_zs, blocked_ys, k["pull_z"])
-        torch._foreach_lerp_(blocked_ys, blocked_zs, k["c"])
+        offsets = [working_copy(s["z_minus_y"], dtype) for s in states]
+        blocked_offsets = [lay.blocked(o) for lay, o in zip(layouts, offsets)]
+        torch._foreach_addcmul_(blocked_ys, blocked_offsets, k["y_offset"])
         torch._foreach_addcmul_(blocked_ys, ds, k["y_step"])
-        torch._foreach_addcmul_(blocked_zs, ds, k["z_step"])
-        for s, z, key in zip(states, zs, k["key_buffer"]):
-            store(s["z"], z, key)
+        torch._foreach_mul_(blocked_offsets, k["offset_decay"])
+        torch._foreach_addcmul_(blocked_offsets, ds, k["offset_step"])
+        for s, offset, key in zip(states, offsets, k["key_buffer"]):
+            store(s["z_minus_y"], offset, key)
     else:
-        torch._foreach_addcmul_(blocked_ys, ds, k["z_step"])
+        torch._foreach_addcmul_(blocked_ys, ds, k["y_step"])
         for s, m, key in zip(states, ms, k["key_buffer"]):
             store(s["exp_avg"], m, key)
 
@@ -211,7 +207,7 @@ def _fused_update(params, grads, states, layouts, h: Hyper, dtype, k) -> None:
     torch._foreach_add_(denoms, h.eps)
     for i, (p, g, s, dn) in enumerate(zip(params, grads, states, denoms)):
         rows = dn.numel()
-        args = (p.view(rows, -1), g.view(rows, -1), s["z"].view(rows, -1), dn.view(rows, 1),
+        args = (p.view(rows, -1), g.view(rows, -1), s["z_minus_y"].view(rows, -1), dn.view(rows, 1),
                 k["coef"][i], k["key_param"][i], k["key_buffer"][i])
         if not fused_kernel.fused_pass(*args):
             fused_kernel.sf_pass(*args)  # compiling failed: the same arithmetic, uncompiled, this once

@@ -4,14 +4,15 @@ SPEC.md §6. Fused AdamW runs at about the memory bandwidth, moving 28 bytes
 per parameter. The multi-tensor path moves far more: every ``_foreach_*`` op is
 its own pass over the tensors, and a bf16 ``z`` adds the rounding passes. Here
 the elementwise part of the update is one ``torch.compile``-generated loop
-that reads ``y``, ``g`` and ``z`` once and writes ``y`` and ``z`` once
-(16 bytes per parameter with a bf16 ``z``):
+that reads ``y``, ``g`` and ``δ = z − y`` once and writes ``y`` and ``δ`` once
+(16 bytes per parameter with a bf16 ``δ``):
 
     d  = g/denom + wd·y                 (g with NaN/inf read as 0: see below)
-    y ← y + pull_y·(z − y)              (Ref repair, identity when pull = 0)
-    z ← z + pull_z·(y − z)
-    y ← (1 − c)·y + c·z + y_step·d
-    z ← z − η·d                          stochastically rounded when bf16/fp16
+    y ← y + y_offset·δ + y_step·d
+    δ ← offset_decay·δ + offset_step·d   stochastically rounded when bf16/fp16
+
+with the per-tensor coefficients of :func:`refadamw.averaging.offset_coefficients`
+(Ref repair and averaging folded together).
 
 Everything of size "one value per block" stays outside: the block mean
 squares (a row-wise norm, one more read of ``g``), the ``v`` EMA and the
@@ -22,7 +23,7 @@ equal. Each tensor is viewed as ``(n_blocks, block_numel)`` (per-element
 every shape.
 
 A skipped step (non-finite gradient, or the controller's level 3) runs with
-η = c = 0 and leaves ``y`` and ``z`` exactly as they were, since the gradient is
+η = c = 0 and leaves ``y`` and ``δ`` exactly as they were, since the gradient is
 read as 0 where it is not finite.
 
 If compiling fails (no C++ compiler, say) the optimizer warns once and the
@@ -42,7 +43,7 @@ logger = logging.getLogger("refadamw")
 
 _FLOAT_MAX = torch.finfo(torch.float32).max
 
-COEFFICIENTS = ("weight_decay", "pull_y", "pull_z", "c", "y_step", "z_step")
+COEFFICIENTS = ("weight_decay", "y_offset", "y_step", "offset_decay", "offset_step")
 """The per-tensor scalars of one fused pass, in the order of its ``coef`` vector."""
 
 
@@ -50,24 +51,20 @@ def _store(dst: torch.Tensor, value: torch.Tensor, key: torch.Tensor | None) -> 
     dst.copy_(round_bits(value, dst.dtype, key) if dst.dtype in LOW_PRECISION else value)
 
 
-def sf_pass(y, g, z, denom, coef, key_y, key_z) -> None:
+def sf_pass(y, g, offset, denom, coef, key_y, key_offset) -> None:
     """One tensor's elementwise Schedule-Free update, in place (see the module docstring).
 
-    ``y``, ``g``, ``z``: ``(n_blocks, block_numel)`` views of the parameter,
-    its gradient and ``z``; ``denom``: ``(n_blocks, 1)`` fp32; ``coef``: fp32
-    vector ordered as :data:`COEFFICIENTS`; ``key_y``/``key_z``: rounding keys
-    for bf16/fp16 storage (ignored otherwise).
+    ``y``, ``g``, ``offset``: ``(n_blocks, block_numel)`` views of the
+    parameter, its gradient and ``δ = z − y``; ``denom``: ``(n_blocks, 1)``
+    fp32; ``coef``: fp32 vector ordered as :data:`COEFFICIENTS`;
+    ``key_y``/``key_offset``: rounding keys for bf16/fp16 storage (ignored otherwise).
     """
     g = g.float()
     d = torch.where(g.abs() <= _FLOAT_MAX, g, 0.0) / denom
-    yf, zf = y.float(), z.float()
+    yf, of = y.float(), offset.float()
     d = d + coef[0] * yf
-    yf = torch.lerp(yf, zf, coef[1])
-    zf = torch.lerp(zf, yf, coef[2])
-    yf = torch.lerp(yf, zf, coef[3]) + d * coef[4]
-    zf = zf + d * coef[5]
-    _store(y, yf, key_y)
-    _store(z, zf, key_z)
+    _store(y, yf + of * coef[1] + d * coef[2], key_y)
+    _store(offset, of * coef[3] + d * coef[4], key_offset)
 
 
 _compiled = None
@@ -80,11 +77,11 @@ def available() -> bool:
     return not _compile_failed and os.environ.get("REFADAMW_COMPILE", "1") != "0"
 
 
-def fused_pass(y, g, z, denom, coef, key_y, key_z) -> bool:
+def fused_pass(y, g, offset, denom, coef, key_y, key_offset) -> bool:
     """Run :func:`sf_pass` compiled; False (after one warning) when compiling fails."""
     global _compiled, _compile_failed
     if torch.compiler.is_compiling():  # inside the caller's torch.compile: let it trace the plain function
-        sf_pass(y, g, z, denom, coef, key_y, key_z)
+        sf_pass(y, g, offset, denom, coef, key_y, key_offset)
         return True
     if not available():
         return False
@@ -96,7 +93,7 @@ def fused_pass(y, g, z, denom, coef, key_y, key_z) -> bool:
         # One graph per storage-dtype pair and shape class (square, not, one column): more than
         # dynamo's default of 8 for one function when bf16/fp16 parameters and state mix.
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-            _compiled(y, g, z, denom, coef, key_y, key_z)
+            _compiled(y, g, offset, denom, coef, key_y, key_offset)
         return True
     except Exception as err:  # noqa: BLE001 - any compiler failure falls back to the eager path
         _compile_failed = True
@@ -105,8 +102,8 @@ def fused_pass(y, g, z, denom, coef, key_y, key_z) -> bool:
         return False
 
 
-def eligible(param: torch.Tensor, grad: torch.Tensor, z: torch.Tensor) -> bool:
+def eligible(param: torch.Tensor, grad: torch.Tensor, offset: torch.Tensor) -> bool:
     """Whether a tensor can take the fused pass: fp32 math on dense, contiguous storage."""
     plain = type(param) in (torch.Tensor, torch.nn.Parameter) and type(grad) is torch.Tensor  # not DTensor
     return (plain and param.dtype != torch.float64 and param.is_contiguous() and grad.is_contiguous()
-            and z.is_contiguous() and not grad.is_sparse and param.numel() > 1)
+            and offset.is_contiguous() and not grad.is_sparse and param.numel() > 1)

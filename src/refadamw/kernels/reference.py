@@ -17,14 +17,15 @@ parameter tensor holding ``y``; all math in fp32 (fp64 for fp64 params):
     v      = β2·v + (1−β2)·s        (v = (1−β2)·s on a fresh state) (Adam-mini, §3.3)
     denom  = sqrt(v / (1−β2^t)) + eps       broadcast over each block
 
-  Schedule-Free (§3.4, Defazio et al. 2024), with the Ref controller's λ, ρ (§3.5–6):
+  Schedule-Free (§3.4, Defazio et al. 2024), with the Ref controller's λ, ρ (§3.5–6).
+  The state holds δ = z − y, not z (refadamw.averaging explains why):
     d      = g/denom + wd·y
     a      = ρ·(1−β1)/β1                     (ρ = 0 when not finite)
-    y      ← lerp(y, z, −a);  z ← lerp(z, y, (a+ρ)/(1+a))    z ← z + ρ·(x − z), x kept
+    y      ← y − a·δ;  δ ← (1−ρ)·δ           z ← z + ρ·(x − z), x kept
     lr_max = max(lr_max, lr_t),  W = W + lr_max²,  c = lr_max²/W
     c      ← c + λ·(1−c)                     x ← (1−λ)·x + λ·z on top of averaging
-    y      ← (1−c)·y + c·z + η·(β1·(1−c) − 1)·d
-    z      ← z − η·d                                 (z starts equal to y)
+    y      ← y + c·δ + η·(β1·(1−c) − 1)·d    y = (1−β1)·z + β1·x
+    δ      ← (1−c)·(δ − η·β1·d)              z ← z − η·d;  δ starts at 0 (z = y)
 
   schedule_free=False (AdamW-mini, for ablations; the controller can only skip):
     m      = β1·m + (1−β1)·g        (m = (1−β1)·g on a fresh state)
@@ -32,7 +33,7 @@ parameter tensor holding ``y``; all math in fp32 (fp64 for fp64 params):
     y      ← y − η·d
 
   Storage (§3.7): every result above is computed in fp32 and written into
-  bf16/fp16 storage (y, z, m, v) by unbiased stochastic rounding, keyed by
+  bf16/fp16 storage (y, δ, m, v) by unbiased stochastic rounding, keyed by
   (element, t, tensor, seed, buffer); see :mod:`refadamw.precision`. A fresh
   state's v and m are computed directly from the first gradient (no zero fill).
 """
@@ -42,7 +43,7 @@ from __future__ import annotations
 import torch
 
 from ..auto_lr import step_size, update_norm_ema
-from ..averaging import averaging_weight, pull_weights, ref_weight, warmup_factor, y_step_coefficient
+from ..averaging import averaging_weight, offset_coefficients, ref_weight, warmup_factor
 from ..partition import BlockLayout
 from ..precision import Salt, compute_dtype, rounding_keys
 from .common import Control, Hyper, StepReport, finite_grads, finite_squares, gates, needs_rounding, store
@@ -102,16 +103,16 @@ def _update_one(param, grad, norm, state, layout: BlockLayout, h: Hyper, keep, f
     if h.schedule_free:
         d = (blocked_grad / denom + h.weight_decay * layout.blocked(y)).reshape(param.shape)
         c, lr_max, weight_sum = averaging_weight(lr_t, state["lr_max"], state["weight_sum"])
-        z = state["z"].to(dtype)
+        rho = None
         if ref is not None:
             lam, rho = ref
-            pull_y, pull_z = pull_weights(rho.to(dtype), h.beta1)
-            y = torch.lerp(y, z, pull_y)
-            z = torch.lerp(z, y, pull_z)
-            c = ref_weight(c, lam.to(dtype))
+            c, rho = ref_weight(c, lam.to(dtype)), rho.to(dtype)
         c = torch.where(keep, c, zero)
-        y_new = torch.lerp(y, z, c) + y_step_coefficient(eta, c, h.beta1) * d
-        store(state["z"], z - eta * d, _key(state, step, Salt.Z, state["z"], dtype))
+        k = offset_coefficients(eta, c, h.beta1, rho)
+        offset = state["z_minus_y"].to(dtype)
+        y_new = y + k.y_offset * offset + k.y_step * d
+        store(state["z_minus_y"], k.offset_decay * offset + k.offset_step * d,
+              _key(state, step, Salt.Z_MINUS_Y, state["z_minus_y"], dtype))
         state["lr_max"].copy_(torch.where(keep, lr_max, state["lr_max"]))
         state["weight_sum"].copy_(torch.where(keep, weight_sum, state["weight_sum"]))
     else:
