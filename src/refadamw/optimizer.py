@@ -11,7 +11,7 @@ import contextlib
 import logging
 import math
 import numbers
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -32,15 +32,19 @@ _SF_SCALAR_STATE = ("lr_max", "weight_sum")
 
 
 def _check_number(name: str, value: Any, low: float, *, low_open: bool = False, high: float | None = None,
-                  high_open: bool = False) -> None:
+                  high_open: bool = False, finite: bool = False) -> None:
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or not value.is_floating_point():
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}")  # torch's words
+        if not value.is_floating_point():
             raise TypeError(f"{name} must be a number or a 1-element float tensor, got {value!r}")
         value = value.detach().cpu().item()  # construction time only, never in step()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     if math.isnan(value):
         raise ValueError(f"{name} must not be NaN")
+    if finite and math.isinf(value):
+        raise ValueError(f"{name} must be finite, got {value}")
     if value < low or (low_open and value == low):
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
     if high is not None and (value > high or (high_open and value == high)):
@@ -54,14 +58,14 @@ def _check_bool(name: str, value: Any) -> None:
 
 def _validate_hyperparameters(g: Mapping[str, Any]) -> None:
     """Raise a ValueError/TypeError naming the first bad argument in group ``g``."""
-    _check_number("lr", g["lr"], 0.0)
+    _check_number("lr", g["lr"], 0.0, finite=True)
     betas = g["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     for i, beta in enumerate(betas):
         _check_number(f"betas[{i}]", beta, 0.0, high=1.0, high_open=True)
-    _check_number("eps", g["eps"], 0.0, low_open=True)  # eps = 0 turns a zero gradient into 0/0
-    _check_number("weight_decay", g["weight_decay"], 0.0)
+    _check_number("eps", g["eps"], 0.0, low_open=True, finite=True)  # eps = 0 turns a zero gradient into 0/0
+    _check_number("weight_decay", g["weight_decay"], 0.0, finite=True)
     warmup = g["warmup_steps"]
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup_steps must be an int >= 0, got {warmup!r}")
@@ -69,7 +73,7 @@ def _validate_hyperparameters(g: Mapping[str, Any]) -> None:
         _check_bool(flag, g[flag])
     for bound in ("min_lr", "max_lr"):
         if g[bound] is not None:
-            _check_number(bound, g[bound], 0.0)
+            _check_number(bound, g[bound], 0.0, finite=bound == "min_lr")
     if g["min_lr"] is not None and g["max_lr"] is not None and g["min_lr"] > g["max_lr"]:
         raise ValueError(f"min_lr ({g['min_lr']}) must not exceed max_lr ({g['max_lr']})")
     _check_number("schedulefree_alpha", g["schedulefree_alpha"], 0.0, low_open=True, high=1.0)
@@ -170,7 +174,20 @@ class AdamWMiniSF(torch.optim.Optimizer):
         )
         _validate_hyperparameters(defaults)
         self.seed = seed
+        if isinstance(params, Mapping):
+            raise TypeError("params is a single param group (a dict); pass a list of param groups: [{'params': ...}]")
+        if isinstance(params, (set, frozenset)):
+            raise TypeError("optimizer parameters need to be organized in ordered collections, but the ordering of "
+                            "tensors in sets will change between runs. Please use a list instead.")
+        if not isinstance(params, (Iterable, torch.Tensor)):
+            raise TypeError("params must be an iterable of tensors, (name, tensor) pairs or param-group dicts, "
+                            f"got {type(params).__name__}")
         super().__init__(params, defaults)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim keeps only defaults, state and param_groups; a copy without the seed could not
+        # create state for a parameter's first step.
+        return {**super().__getstate__(), "seed": self.seed}
 
     # ------------------------------------------------------------------ groups
 
@@ -178,6 +195,8 @@ class AdamWMiniSF(torch.optim.Optimizer):
         """Add a group (validated; on error the optimizer is left unchanged)."""
         if not isinstance(param_group, dict):
             raise TypeError(f"a param group must be a dict, got {type(param_group).__name__}")
+        if "params" not in param_group:
+            raise ValueError(f"a param group needs a 'params' entry, got keys {sorted(param_group)}")
         params = param_group.get("params")
         if params is not None and not isinstance(params, (torch.Tensor, set)):
             param_group["params"] = params = list(params)  # a generator can be read only once
@@ -263,15 +282,13 @@ class AdamWMiniSF(torch.optim.Optimizer):
         whole = []  # the gradients as given (DTensor for FSDP2), for whole-tensor norms
         for ordinal, p in enumerate(group["params"], start=first_ordinal):
             if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise TypeError(f"{type(self).__name__} does not support sparse gradients")
-            if p.grad.is_complex():
-                raise TypeError("complex gradients are not supported")
+                continue  # gradients were checked by _check_grads before any state was created
             state = self.state[p]
             fresh.append(not state)
             if not state:
                 state.update(self._init_state(group, p, ordinal))
+            elif state["step"].dtype != compute_dtype(p.dtype) or state["step"].device != p.device:
+                self._follow_conversion(group, p, state)
             layout = block_layout(p.shape, group["mini"], group["block_rows"])
             if state["exp_avg_sq"].shape != layout.state_shape(p.shape):
                 raise ValueError(
@@ -280,11 +297,22 @@ class AdamWMiniSF(torch.optim.Optimizer):
                     f"block_rows={group['block_rows']}; these cannot change after the first step"
                 )
             params.append(sharding.local(p))
-            grads.append(sharding.local(p.grad))
+            grad = p.grad if p.grad.dtype == p.dtype else p.grad.to(compute_dtype(p.dtype))
+            grads.append(sharding.local(grad))
             states.append(sharding.local_state(state))
             layouts.append(sharding.local_layout(layout, p))
             whole.append(p.grad)
         return params, grads, states, layouts, fresh, whole
+
+    def _follow_conversion(self, group: Mapping[str, Any], param: torch.Tensor, state: dict) -> None:
+        """``model.double()`` or ``model.to(device)`` after some steps: lay the state out for the
+        parameter as it is now, exactly as ``load_state_dict`` would (the step counter's dtype and
+        device tell that the parameter changed, in one check per tensor)."""
+        for key, (_, dtype) in self._expected_state(group, param).items():
+            state[key] = state[key].to(device=param.device, dtype=dtype)
+        stats = group["stats"]
+        for key, value in stats.items():
+            stats[key] = value.to(param.device)
 
     @staticmethod
     def _hyper(group: Mapping[str, Any]) -> kernels.Hyper:
@@ -320,12 +348,16 @@ class AdamWMiniSF(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_closure_loss(loss)
+        self._check_grads()
         work, ordinal = [], 0
         for group in self.param_groups:
             collected = self._collect(group, ordinal)
             ordinal += len(group["params"])
             if collected[0]:
                 work.append((group, *collected))
+        if not work:
+            return loss  # no gradients: a no-op, as in torch.optim (the controller's clock stays too)
         norms, control = self._control(work, loss, **signals)
         if norms is None and any(sharding.is_sharded(g) for *_, whole in work for g in whole):
             norms = self._grad_norms(work)  # the kernels alone would see only the local shards
@@ -342,6 +374,28 @@ class AdamWMiniSF(torch.optim.Optimizer):
             stats["effective_lr"].copy_(report.effective_lr)
         self._after_step()
         return loss
+
+    def _check_closure_loss(self, loss) -> None:
+        """Raise on a closure loss the controller cannot read (nothing here)."""
+
+    def _check_grads(self) -> None:
+        """Refuse a bad gradient before anything (state, controller) has changed."""
+        ordinal = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                g = p.grad
+                if g is not None:
+                    if g.is_sparse:
+                        raise TypeError(f"{type(self).__name__} does not support sparse gradients")
+                    if g.is_complex():
+                        raise TypeError("complex gradients are not supported")
+                    if not g.is_floating_point():
+                        raise TypeError(f"the gradient of parameter {ordinal} has dtype {g.dtype}; "
+                                        "gradients must be floating point")
+                    if g.shape != p.shape:
+                        raise ValueError(f"the gradient of parameter {ordinal} has shape {tuple(g.shape)}, "
+                                         f"but the parameter has shape {tuple(p.shape)}")
+                ordinal += 1
 
     def _control(self, work, loss, **signals) -> tuple[list | None, kernels.Control | None]:
         """Per-group gradient norms and a controller decision; none without a controller."""
@@ -440,6 +494,7 @@ class AdamWMiniSF(torch.optim.Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        self._check_origin(state_dict)
         groups, state = self._checked_state(state_dict)
         self._load_extra_state(state_dict)  # checks first too; raises before anything changed
         # A defaultdict, as torch.optim keeps it: parameters without saved state get theirs lazily.
@@ -449,6 +504,12 @@ class AdamWMiniSF(torch.optim.Optimizer):
 
     def _load_extra_state(self, state_dict: Mapping[str, Any]) -> None:
         """Load what a subclass keeps beside the per-parameter state (nothing here)."""
+
+    def _check_origin(self, state_dict: Mapping[str, Any]) -> None:
+        held = sorted({"ref_config", "ref_controller"} & set(state_dict))
+        if held:
+            raise ValueError(f"the state_dict does not come from {type(self).__name__}: it holds the Ref controller's "
+                             f"state {held}; load it into RefAdamWMiniSF")
 
     def _checked_state(self, state_dict: Mapping[str, Any]):
         name = type(self).__name__
@@ -474,6 +535,10 @@ class AdamWMiniSF(torch.optim.Optimizer):
                 raise ValueError(
                     f"the state_dict does not come from {name} (param group {i} lacks {sorted(lacking)})"
                 )
+            if not isinstance(saved["params"], (list, tuple)):
+                raise TypeError(f"param group {i} of the state_dict: 'params' must be a list of parameter ids, "
+                                f"got {type(saved['params']).__name__}")
+            _check_bool("train_mode", saved["train_mode"])
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(
                     f"param group {i} has {len(group['params'])} parameters, the state_dict's has "
@@ -489,6 +554,10 @@ class AdamWMiniSF(torch.optim.Optimizer):
                 if key in saved_state:
                     new_state[param] = self._checked_param_state(new_group, param, saved_state[key], key)
             new_groups.append(new_group)
+        listed = {key for saved in saved_groups for key in saved["params"]}
+        unlisted = sorted(set(saved_state) - listed, key=str)
+        if unlisted:
+            raise ValueError(f"state_dict['state'] has entries for parameter ids {unlisted} that no param group lists")
         return new_groups, new_state
 
     def _checked_stats(self, saved: Any, current: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
@@ -519,6 +588,8 @@ class AdamWMiniSF(torch.optim.Optimizer):
             if value.is_floating_point() != dtype.is_floating_point:
                 raise TypeError(f"state '{name}' of parameter {key} has dtype {value.dtype}, expected {dtype}")
             out[name] = value.detach().to(device=param.device, dtype=dtype, copy=True)
+            if out[name].dim() == 0 and dtype.is_floating_point and not math.isfinite(out[name].item()):
+                raise ValueError(f"state '{name}' of parameter {key} is {out[name].item()}: scalar state must be finite")
         return out
 
 
@@ -531,6 +602,8 @@ def _check_signal(name: str, value: Any) -> None:
     if value is None:
         return
     if isinstance(value, torch.Tensor):
+        if value.is_complex():
+            raise TypeError(f"{name} must be a Python float or a real 0-dim tensor, got a {value.dtype} tensor")
         if value.dim() != 0:
             raise ValueError(f"{name} must be a Python float or a 0-dim tensor, got shape {tuple(value.shape)}")
         return
@@ -582,6 +655,10 @@ class RefAdamWMiniSF(AdamWMiniSF):
             raise ValueError(f"ref_window start must not exceed its end, got {tuple(ref_window)}")
         if total_steps is not None and ref_max_steps is not None and total_steps != ref_max_steps:
             raise ValueError(f"total_steps={total_steps} and its alias ref_max_steps={ref_max_steps} disagree")
+        if ref_max_steps is not None and (isinstance(ref_max_steps, bool) or not isinstance(ref_max_steps, int)
+                                          or ref_max_steps < 1):
+            raise ValueError(f"ref_max_steps must be a positive int or None (it is the seed's name for total_steps), "
+                             f"got {ref_max_steps!r}")
         total_steps = total_steps if total_steps is not None else ref_max_steps
         _check_steps("total_steps", total_steps)
         _check_bool("repair", repair)
@@ -609,6 +686,9 @@ class RefAdamWMiniSF(AdamWMiniSF):
         self.controller.observe(loss=loss, val_loss=val_loss)
 
     def _control(self, work, closure_loss, *, loss=None, val_loss=None, max_steps=None):
+        device = next((p.device for g in self.param_groups for p in g["params"]), self.controller.device)
+        if device != self.controller.device:  # the model moved: the controller follows, as on load
+            self.controller.to(device)
         if loss is None and isinstance(closure_loss, (torch.Tensor, numbers.Real)) and not isinstance(
                 closure_loss, bool):
             loss = closure_loss if not isinstance(closure_loss, torch.Tensor) else closure_loss.detach().reshape(())
@@ -647,16 +727,35 @@ class RefAdamWMiniSF(AdamWMiniSF):
         Like the param groups' hyperparameters, the controller's settings
         (``ref_alpha``, ``ref_window``, ``repair``) are restored on load.
         """
-        state = super().state_dict()
+        post_hooks = self._optimizer_state_dict_post_hooks
+        self._optimizer_state_dict_post_hooks = OrderedDict()  # run below, once the controller's keys are in
+        try:
+            state = super().state_dict()
+        finally:
+            self._optimizer_state_dict_post_hooks = post_hooks
         c = self.controller
         state["ref_config"] = {"ref_alpha": c.ref_alpha, "ref_window": tuple(c.ref_window), "repair": c.repair}
         state["ref_controller"] = c.state_dict()
+        for hook in post_hooks.values():
+            result = hook(self, state)
+            if result is not None:
+                state = result
         return state
 
-    def _load_extra_state(self, state_dict: Mapping[str, Any]) -> None:
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "controller": self.controller}
+
+    def _check_origin(self, state_dict: Mapping[str, Any]) -> None:
         missing = {"ref_config", "ref_controller"} - set(state_dict)
         if missing:
             raise ValueError(f"the state_dict lacks {sorted(missing)}: it does not come from RefAdamWMiniSF")
+
+    def _check_closure_loss(self, loss) -> None:
+        if isinstance(loss, torch.Tensor) and loss.dim() != 0:
+            raise ValueError(f"the closure returned a loss of shape {tuple(loss.shape)}; to feed the controller it "
+                             "must be a Python float or a 0-dim tensor")
+
+    def _load_extra_state(self, state_dict: Mapping[str, Any]) -> None:
         config = state_dict["ref_config"]
         if not isinstance(config, Mapping) or set(config) != {"ref_alpha", "ref_window", "repair"}:
             raise ValueError("the state_dict's 'ref_config' is malformed")
