@@ -239,9 +239,10 @@ class RefController:
             level = self._detect("loss", x, ratio, gate, self.loss_ratios)
             s["loss_pending"] = torch.maximum(s["loss_pending"], level)
             s["loss_seen"] = torch.ones_like(s["loss_seen"])
-        if v is not None:
-            s["val_history"] = torch.cat((s["val_history"][1:], v.reshape(1)))
-            s["val_count"] = (s["val_count"] + 1).clamp(max=HISTORY)
+        if v is not None:  # a NaN/inf validation loss is ignored: it would sit in the history for 20 evaluations
+            finite = v.isfinite()
+            s["val_history"] = torch.where(finite, torch.cat((s["val_history"][1:], v.reshape(1))), s["val_history"])
+            s["val_count"] = torch.where(finite, (s["val_count"] + 1).clamp(max=HISTORY), s["val_count"])
 
     def decide(self, grad_norm: torch.Tensor | float, max_steps: int | None = None) -> Decision:
         """Advance ``t`` and decide this step's λ, pull and skip (before the update)."""
