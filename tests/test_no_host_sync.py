@@ -64,3 +64,25 @@ def test_step_never_syncs(device, foreach, schedule_free, state_dtype, cls):
         opt.eval()
         opt.train()
     assert not precision._compile_failed and not fused._compile_failed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("loss_as", ["tensor", "float"])
+def test_steady_state_steps_make_no_synchronizing_cuda_call(loss_as):
+    """CUDA's own sync detector, after warm-up (compiling may sync): catches host-to-device copies
+    from pageable memory too, such as ``torch.tensor(x, device="cuda")``, which the guard above cannot."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 512), torch.nn.ReLU(), torch.nn.Linear(512, 3)).cuda()
+    opt = RefAdamWMiniSF([{"params": model[0].parameters(), "lr": torch.tensor(1e-2)}, {"params": model[2].parameters()}],
+                         warmup_steps=2, auto_lr=True, total_steps=100)
+    x = torch.randn(16, 8, device="cuda")
+    for step in range(12):
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        signal = loss.detach() if loss_as == "tensor" else 1.0 + step
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error" if step >= 8 else "default")
+        try:
+            opt.step(loss=signal, val_loss=signal)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

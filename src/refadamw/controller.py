@@ -195,7 +195,7 @@ class RefController:
     # -- host-side T: window bounds and K are Python ints, derived once per new T -----------------
     def _set_total(self, total: int | None) -> None:
         self._total = total
-        self._s["total_steps"] = torch.tensor(total or 0, dtype=torch.int64, device=self.device)
+        self._s["total_steps"] = torch.full((), total or 0, dtype=torch.int64, device=self.device)
         self._lo, self._hi = _window_bounds(*self.ref_window, total) if total else (1, 0)  # (1, 0): empty
         self._k = min(20, max(10, int(1e-4 * (total or 1000))))
 
@@ -206,7 +206,7 @@ class RefController:
             return value.detach().to(self.device, torch.float32)
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name} must be a Python float or a 0-dim tensor, got {type(value).__name__}")
-        return torch.tensor(float(value), dtype=torch.float32, device=self.device)
+        return torch.full((), float(value), dtype=torch.float32, device=self.device)  # a fill: no H2D sync
 
     def _detect(self, prefix: str, x: torch.Tensor, stat: torch.Tensor, gate: torch.Tensor,
                 thresholds: tuple[float, float, float]) -> torch.Tensor:

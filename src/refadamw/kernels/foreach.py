@@ -143,7 +143,8 @@ def _update_bucket(params, grads, norm, states, layouts, fresh, h: Hyper, keep, 
 
 def _fused_coefficients(scalars: dict[str, torch.Tensor], h: Hyper, n: int, device) -> torch.Tensor:
     """An ``(n, 5)`` fp32 matrix: each tensor's scalars in the order of ``fused.COEFFICIENTS``."""
-    values = {"weight_decay": torch.tensor(float(h.weight_decay), device=device), **scalars}
+    # torch.full launches a fill; torch.tensor(x, device="cuda") would be a synchronizing host-to-device copy
+    values = {"weight_decay": torch.full((), float(h.weight_decay), device=device), **scalars}
     return torch.stack([values[name].float().expand(n) for name in fused_kernel.COEFFICIENTS], dim=1)
 
 
