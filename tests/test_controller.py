@@ -259,6 +259,8 @@ class SeedOverfit:
 
     def step(self, vals):
         for v in vals:
+            if not math.isfinite(v):
+                continue  # the product's one departure: a NaN/inf val_loss is not stored (the seed stored it)
             self.history = (self.history + [v])[-20:]
         h = self.history
         overfit = len(h) >= 4 and h[-4] < h[-3] < h[-2] < h[-1]
