@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from unittest import mock
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -21,13 +22,11 @@ from refadamw.precision import resolve_state_dtype
 
 from . import spec_reference
 from .spec_reference import SpecHyper, SpecParam, spec_step
-from .test_optimizer_reference import _options, _tolerance
+from .test_optimizer_reference import STATE_ROUNDING, PathLength, _options, assert_displacement_close
 
 PARAM_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 STATE_DTYPES = ["auto", "fp32", "bf16", "fp16"]
 STEPS = 4
-# Relative spacing of each storage dtype at its coarsest (just below a power of two).
-SPACING = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
 _spec_hyper = st.builds(
     SpecHyper,
@@ -47,15 +46,10 @@ def _block_rows_fit(shapes, block_rows):
     return [s if len(s) < 2 or s[0] % block_rows == 0 else (block_rows * s[0],) + s[1:] for s in shapes]
 
 
-def _reference_tolerance(param_dtype, state_dtype, scale: float) -> dict:
-    """Rounding a bf16/fp16 parameter each step moves it by less than one spacing of its value;
-    the state's own rounding is bounded as in the fixed-case reference tests."""
-    storage = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(resolve_state_dtype(state_dtype, param_dtype))
-    tol = _tolerance(param_dtype, storage)
-    if param_dtype in SPACING:
-        bound = STEPS * SPACING[param_dtype]
-        tol = dict(rtol=max(tol["rtol"], bound), atol=max(tol["atol"], bound * scale))
-    return tol
+STORAGE_ROUNDING = {torch.float64: 2.0**-40, torch.float32: 2.0**-16, torch.bfloat16: STATE_ROUNDING["bf16"],
+                    torch.float16: STATE_ROUNDING["fp16"]}
+"""Error bound relative to the update, per storage dtype of the state (see ``STATE_ROUNDING``);
+fp32/fp64 state leaves only the arithmetic's own rounding."""
 
 
 @_settings
@@ -63,6 +57,19 @@ def _reference_tolerance(param_dtype, state_dtype, scale: float) -> dict:
        state_dtype=st.sampled_from(STATE_DTYPES), foreach=st.booleans(), fused=st.booleans(),
        seed=st.integers(0, 2**16))
 def test_random_configs_match_the_float64_reference(hp, shapes, param_dtype, state_dtype, foreach, fused, seed):
+    _check_against_reference(hp, shapes, param_dtype, state_dtype, foreach, fused, seed)
+
+
+@pytest.mark.parametrize("param_dtype,state_dtype", [(torch.float32, "bf16"), (torch.bfloat16, "bf16"),
+                                                     (torch.float16, "fp16"), (torch.float32, "fp32")])
+def test_the_reference_comparison_rejects_an_optimizer_that_never_moves(param_dtype, state_dtype):
+    hp = SpecHyper(lr=0.05, weight_decay=0.1, warmup_steps=1)
+    with mock.patch.object(AdamWMiniSF, "step", lambda self, closure=None: None):
+        with pytest.raises(AssertionError, match="displacement differs"):
+            _check_against_reference(hp, [(6, 4), (4,), ()], param_dtype, state_dtype, True, True, seed=3)
+
+
+def _check_against_reference(hp, shapes, param_dtype, state_dtype, foreach, fused, seed):
     shapes = _block_rows_fit(shapes, hp.block_rows)
     if param_dtype == torch.float64:
         state_dtype = "auto"  # fp64 state; lower state precision is covered with fp32 parameters
@@ -72,6 +79,7 @@ def test_random_configs_match_the_float64_reference(hp, shapes, param_dtype, sta
     with mock.patch.object(partition, "SMALL_NUMEL", 4), mock.patch.object(spec_reference, "SMALL_NUMEL", 4):
         params = [torch.nn.Parameter(v.clone()) for v in values]
         spec = [SpecParam(y=v.to(torch.float64)) for v in values]
+        path = PathLength([sp.y for sp in spec])
         opt = AdamWMiniSF(params, foreach=foreach, fused=fused and foreach, state_dtype=state_dtype, **_options(hp))
         for step in range(STEPS):
             grads = [(torch.randn(s, generator=gen, dtype=torch.float64) * (1 + 9 * (step == 2))).to(param_dtype)
@@ -80,10 +88,10 @@ def test_random_configs_match_the_float64_reference(hp, shapes, param_dtype, sta
                 p.grad = g
             opt.step()
             spec_step(spec, [g.to(torch.float64) for g in grads], hp)
-    scale = max([1.0] + [sp.y.abs().max().item() for sp in spec if sp.y.numel()])
-    tol = _reference_tolerance(param_dtype, state_dtype, scale)
-    for p, sp in zip(params, spec):
-        torch.testing.assert_close(p.detach().to(torch.float64), sp.y, **tol)
+            scales = path.scales([sp.y for sp in spec])
+    rel = STORAGE_ROUNDING[resolve_state_dtype(state_dtype, param_dtype)]
+    assert_displacement_close(params, [sp.y for sp in spec], [v.to(torch.float64) for v in values], scales,
+                              rel=rel, steps=STEPS, what="after 4 steps")
 
 
 _magnitude = st.sampled_from([0.0, 1e-30, 1e-12, 1e-4, 1.0, 1e4])
