@@ -113,7 +113,9 @@ class AdamWMiniSF(torch.optim.Optimizer):
 
     Args:
         params: tensors, param-group dicts, or ``(name, tensor)`` pairs.
-        lr: peak learning rate (after warmup).
+        lr: peak learning rate (after warmup). The default 3e-3 was chosen on models trained
+            from scratch; pass a much smaller one to fine-tune a pretrained model
+            (docs/defaults.md, "Fine-tuning").
         betas: ``(β1, β2)``; β1 is the Schedule-Free interpolation (or the
             momentum with ``schedule_free=False``), β2 the second-moment EMA.
         eps: added to ``sqrt(v̂)``.
