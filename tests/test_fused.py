@@ -134,16 +134,17 @@ def test_two_dimensional_rounding_uses_flat_element_indices():
 
 
 def test_failed_compile_warns_once_and_falls_back(monkeypatch, caplog):
-    expected = _train(False)
-
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(fused_kernel, "_compiled", None)
     monkeypatch.setattr(fused_kernel, "_compile_failed", False)
     monkeypatch.setattr(fused_kernel.torch, "compile", lambda fn, **kw: broken)
+    # In lockstep (same gradients): the failing step runs the eager pass once, whose last-bit
+    # differences would otherwise compound through the forward passes of two separate runs
+    # (1.04% of the bf16 state differed on this machine's CPU, against the 1% bound).
     with caplog.at_level(logging.WARNING, logger="refadamw"):
-        got = _train(True)
+        expected, got = _train_lockstep((False, True))
     assert sum("fused update failed" in r.getMessage() for r in caplog.records) == 1
     assert not fused_kernel.available()
     _assert_same_run(got, expected, exact_rounding=False)
