@@ -363,11 +363,12 @@ class AdamWMiniSF(torch.optim.Optimizer):
         norms, control = self._control(work, loss, **signals)
         if norms is None and any(sharding.is_sharded(g) for *_, whole in work for g in whole):
             norms = self._grad_norms(work)  # the kernels alone would see only the local shards
-        for i, (group, params, grads, states, layouts, fresh, _) in enumerate(work):
+        for i, (group, params, grads, states, layouts, fresh, whole) in enumerate(work):
             foreach = True if group["foreach"] is None else group["foreach"]
             report = kernels.update(params, grads, states, layouts, self._hyper(group), fresh=fresh,
                                     norms=None if norms is None else norms[i], control=control,
-                                    foreach=foreach, fused=group.get("fused") is not False)
+                                    foreach=foreach, fused=group.get("fused") is not False,
+                                    index_offsets=[sharding.index_offset(g) for g in whole])  # g shards like p
             stats = group["stats"]
             applied = report.applied.to(stats["steps"])
             stats["steps"].add_(applied)
@@ -426,7 +427,7 @@ class AdamWMiniSF(torch.optim.Optimizer):
                     continue  # never stepped: y = x = z, nothing to convert
                 dtype = compute_dtype(p.dtype)
                 convert = x_to_y if to_train else y_to_x
-                key = rounding_keys(state["rounding_key"], state["step"], Salt.MODE_SWITCH)
+                key = rounding_keys(state["rounding_key"], state["step"], Salt.MODE_SWITCH, sharding.index_offset(p))
                 current, offset = sharding.local(p), sharding.local(state["z_minus_y"])  # elementwise: shard-local
                 write_back(current, convert(current.to(dtype), offset.to(dtype), beta1), key)
             group["train_mode"] = to_train

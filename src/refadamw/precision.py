@@ -17,6 +17,14 @@ buffer being written), not a draw from a stateful generator: it costs a few
 integer ops per element, and a run resumed from a checkpoint replays exactly
 the same noise with no generator state to save. The per-tensor part of the
 key is kept in the optimizer state, the step is the state's own counter.
+
+The element index is the index in the *whole* flattened tensor, also when a
+rank holds only a shard of it (FSDP2): a shard starting at global element
+``o`` passes ``index_offset=o`` to :func:`rounding_keys`, so every rank draws
+the noise of its own elements and the result does not depend on the world
+size. The offset enters through the key alone: word ``i`` of key ``k + o·G``
+is word ``i + o`` of key ``k`` (see :func:`random_bits`), so the rounding
+kernels need no change and an unsharded tensor (offset 0) keeps its noise.
 """
 
 from __future__ import annotations
@@ -144,18 +152,33 @@ def tensor_key(seed: int, ordinal: int) -> int:
     return x - (1 << 32) if x >= 1 << 31 else x
 
 
-def rounding_keys(tensor_keys: torch.Tensor, step: torch.Tensor, salt: Salt) -> torch.Tensor:
+def _wrap32(x: int) -> int:
+    """A Python int reduced to the int32 it wraps to."""
+    x &= 0xFFFFFFFF
+    return x - (1 << 32) if x >= 1 << 31 else x
+
+
+def rounding_keys(tensor_keys: torch.Tensor, step: torch.Tensor, salt: Salt, index_offset: int = 0) -> torch.Tensor:
     """Keys for one write: a hash of each tensor's key, its step and the buffer.
 
     ``tensor_keys`` (int32) and ``step`` (any float or int dtype) broadcast
-    together; the result is int32 on their device. No host sync.
+    together; the result is int32 on their device. ``index_offset`` is the
+    global index of the first element written (a shard's start in the whole
+    flattened tensor; 0 for a whole tensor). No host sync.
     """
     counter = step.to(torch.int32) * _GOLDEN + int(salt) * _MIX_A
-    return _mix32(tensor_keys.to(torch.int32) ^ _mix32(counter))
+    return shift_key(_mix32(tensor_keys.to(torch.int32) ^ _mix32(counter)), index_offset)
+
+
+def shift_key(key: torch.Tensor, index_offset: int) -> torch.Tensor:
+    """The key under which element ``i`` draws the word that element ``i + index_offset`` draws under ``key``."""
+    # (i + o)·G + k = i·G + (k + o·G) modulo 2³²
+    return key + _wrap32(index_offset * _GOLDEN) if index_offset else key
 
 
 def random_bits(numel: int, key: torch.Tensor) -> torch.Tensor:
-    """``numel`` uniformly distributed int32 words for rounding key ``key``."""
+    """``numel`` uniformly distributed int32 words for rounding key ``key``: word ``i`` is
+    ``mix(i·G + key)``, the word the rounding kernels draw for element ``i``."""
     index = torch.arange(numel, dtype=torch.int32, device=key.device)
     return _mix32(index * _GOLDEN + key)
 

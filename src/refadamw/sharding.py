@@ -10,6 +10,9 @@ state, so every update is shard-local:
 * the state tensors are ``DTensor`` s with the parameter's mesh and
   placements (:func:`like_param`), so ``torch.distributed.checkpoint`` saves
   them shard by shard, like the parameters;
+* the stochastic-rounding noise of an element is keyed by its index in the
+  whole tensor (:func:`index_offset`), so the ranks draw different noise and
+  bf16 state comes out the same whatever the world size;
 * a gradient norm is the one quantity that needs the whole tensor: the hygiene
   gate, auto-lr and the Ref controller all read it. :func:`global_norms`
   all-reduces the local sums of squares over the mesh dimensions the gradient
@@ -18,6 +21,8 @@ state, so every update is shard-local:
 
 from __future__ import annotations
 
+import functools
+import math
 import sys
 
 import torch
@@ -81,6 +86,30 @@ def local_layout(layout: BlockLayout, param: torch.Tensor) -> BlockLayout:
             f"{tuple(param.shape)} is sharded into {chunk} rows per rank; pick block_rows dividing {chunk}"
         )
     return BlockLayout(n_blocks=param.to_local().shape[0] // layout.block_rows, block_rows=layout.block_rows)
+
+
+def index_offset(t: torch.Tensor) -> int:
+    """The index, in the whole flattened tensor, of the first element of ``t``'s local shard (0 if plain).
+
+    Under FSDP2 a shard holds dim-0 rows ``[r0, r1)`` (``torch.chunk``
+    semantics), a contiguous run of the flattened tensor that starts at
+    ``r0·numel/rows``; local element ``i`` is global element ``offset + i``.
+    The stochastic rounding is keyed by it (:func:`refadamw.precision.rounding_keys`).
+    A shard cut along another dim is not such a run: it gets the index of
+    its first element, so the ranks still draw different noise, but that noise
+    then depends on the world size.
+    """
+    if not is_sharded(t):
+        return 0
+    return _shard_start(tuple(t.shape), t.device_mesh, tuple(t.placements))
+
+
+@functools.lru_cache(maxsize=4096)  # per step and parameter otherwise; the rank's coordinates never change
+def _shard_start(shape: tuple[int, ...], mesh, placements: tuple) -> int:
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset  # loaded with DTensor
+
+    _, start = compute_local_shape_and_global_offset(shape, mesh, placements)
+    return sum(i * math.prod(shape[d + 1:]) for d, i in enumerate(start))
 
 
 def like_param(local_tensor: torch.Tensor, param: torch.Tensor, global_shape: torch.Size) -> torch.Tensor:

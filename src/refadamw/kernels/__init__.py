@@ -36,6 +36,7 @@ def update(
     control: Control | None = None,
     foreach: bool = True,
     fused: bool = False,
+    index_offsets: list[int] | None = None,
 ) -> StepReport:
     """Apply one step to a param group's tensors that have gradients.
 
@@ -45,8 +46,13 @@ def update(
     ``control`` the Ref controller's decision (None: no controller).
     ``fused`` lets the multi-tensor path run its elementwise Schedule-Free
     work as one compiled pass per tensor (:mod:`refadamw.kernels.fused`).
+    ``index_offsets[i]`` is where ``params[i]``, a shard, starts in its whole
+    flattened tensor (None: every tensor is whole); the stochastic rounding
+    draws the noise of the global element index (:mod:`refadamw.precision`).
     """
     fresh = [False] * len(params) if fresh is None else fresh
+    offsets = [0] * len(params) if index_offsets is None else index_offsets
     if foreach:
-        return multi_tensor_update(params, grads, states, layouts, hyper, fresh, norms, control, fused=fused)
-    return single_tensor_update(params, grads, states, layouts, hyper, fresh, norms, control)
+        return multi_tensor_update(params, grads, states, layouts, hyper, fresh, norms, control, fused=fused,
+                                   index_offsets=offsets)
+    return single_tensor_update(params, grads, states, layouts, hyper, fresh, norms, control, index_offsets=offsets)

@@ -109,6 +109,18 @@ def needs_rounding(dst: torch.Tensor, dtype: torch.dtype) -> bool:
     return dst.dtype in LOW_PRECISION and dst.dtype != dtype
 
 
+def buffer_offset(index_offset: int, param: torch.Tensor, buffer: torch.Tensor) -> int:
+    """The global index of ``buffer``'s first element, given that of ``param``'s shard.
+
+    A state buffer is parameter-shaped, or (mini ``v``) one value per dim-0
+    block; either way it is sharded along dim 0 like the parameter, with the
+    same share of elements per row, and shard boundaries fall on block boundaries.
+    """
+    if not index_offset or not param.numel():
+        return 0
+    return index_offset * buffer.numel() // param.numel()
+
+
 def store(dst: torch.Tensor, work: torch.Tensor, key: torch.Tensor | None = None) -> None:
     """Write a working copy back into its storage (no-op when it *is* the storage).
 

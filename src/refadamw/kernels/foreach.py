@@ -14,10 +14,10 @@ import torch
 from ..auto_lr import step_size, update_norm_ema
 from ..averaging import averaging_weight, offset_coefficients, ref_weight, warmup_factor
 from ..partition import BlockLayout
-from ..precision import Salt, rounding_keys
+from ..precision import Salt, rounding_keys, shift_key
 from . import fused as fused_kernel
-from .common import (Control, Hyper, StepReport, buckets, finite_grads, finite_squares, gates, grad_norms,
-                     needs_rounding, store, working_copy)
+from .common import (Control, Hyper, StepReport, buckets, buffer_offset, finite_grads, finite_squares, gates,
+                     grad_norms, needs_rounding, store, working_copy)
 
 
 def multi_tensor_update(
@@ -30,9 +30,12 @@ def multi_tensor_update(
     norms: list[torch.Tensor] | None = None,
     control: Control | None = None,
     fused: bool = False,
+    index_offsets: list[int] | None = None,
 ) -> StepReport:
     """``fused``: run the elementwise part of Schedule-Free updates as one compiled
-    pass per tensor (:mod:`refadamw.kernels.fused`) where the tensor allows it."""
+    pass per tensor (:mod:`refadamw.kernels.fused`) where the tensor allows it.
+    ``index_offsets``: where each (sharded) tensor starts in its whole tensor, for the rounding noise."""
+    index_offsets = [0] * len(params) if index_offsets is None else index_offsets
     if norms is None:
         norms = grad_norms(params, grads)
     finite, keep = gates(norms, control)
@@ -46,6 +49,7 @@ def multi_tensor_update(
             [states[i] for i in idx],
             [layouts[i] for i in idx],
             [fresh[i] for i in idx],
+            [index_offsets[i] for i in idx],
             hyper,
             keep.to(device),
             dtype,
@@ -86,14 +90,18 @@ def _chunks(params, max_numel: int | None):
     yield slice(begin, len(params))
 
 
-def _rounding_keys(states, step, salt: Salt, targets, dtype) -> list[torch.Tensor | None]:
-    """Per-tensor stochastic-rounding keys for one buffer, computed only if some target is bf16/fp16."""
+def _rounding_keys(states, step, salt: Salt, targets, dtype, offsets) -> list[torch.Tensor | None]:
+    """Per-tensor stochastic-rounding keys for one buffer, computed only if some target is bf16/fp16.
+
+    ``offsets[i]``: the global index of ``targets[i]``'s first element (nonzero only for shards).
+    """
     if not any(needs_rounding(t, dtype) for t in targets):
         return [None] * len(targets)
-    return list(rounding_keys(_stacked(states, "rounding_key"), step, salt).unbind())
+    keys = rounding_keys(_stacked(states, "rounding_key"), step, salt).unbind()
+    return [shift_key(key, offset) for key, offset in zip(keys, offsets)]
 
 
-def _update_bucket(params, grads, norm, states, layouts, fresh, h: Hyper, keep, dtype, ref, fused=False):
+def _update_bucket(params, grads, norm, states, layouts, fresh, offsets, h: Hyper, keep, dtype, ref, fused=False):
     keep_f = keep.to(dtype)
     zero = torch.zeros((), dtype=dtype, device=keep.device)
 
@@ -129,10 +137,12 @@ def _update_bucket(params, grads, norm, states, layouts, fresh, h: Hyper, keep, 
     if fused and h.schedule_free and dtype == torch.float32 and fused_kernel.available():
         per_tensor["coef"] = list(_fused_coefficients(scalars, h, len(params), keep.device).unbind())
     per_tensor["fresh"] = fresh
-    per_tensor["key_param"] = _rounding_keys(states, step, Salt.PARAM, params, dtype)
-    per_tensor["key_v"] = _rounding_keys(states, step, Salt.EXP_AVG_SQ, [s["exp_avg_sq"] for s in states], dtype)
+    per_tensor["key_param"] = _rounding_keys(states, step, Salt.PARAM, params, dtype, offsets)
+    vs = [s["exp_avg_sq"] for s in states]
+    v_offsets = [buffer_offset(o, p, v) for o, p, v in zip(offsets, params, vs)]
+    per_tensor["key_v"] = _rounding_keys(states, step, Salt.EXP_AVG_SQ, vs, dtype, v_offsets)
     buffer, salt = ("z_minus_y", Salt.Z_MINUS_Y) if h.schedule_free else ("exp_avg", Salt.EXP_AVG)
-    per_tensor["key_buffer"] = _rounding_keys(states, step, salt, [s[buffer] for s in states], dtype)
+    per_tensor["key_buffer"] = _rounding_keys(states, step, salt, [s[buffer] for s in states], dtype, offsets)
     for part in _chunks(params, max_numel):
         _update_tensors(params[part], grads[part], states[part], layouts[part], h, dtype,
                         {k: v[part] for k, v in per_tensor.items()})

@@ -46,7 +46,8 @@ from ..auto_lr import step_size, update_norm_ema
 from ..averaging import averaging_weight, offset_coefficients, ref_weight, warmup_factor
 from ..partition import BlockLayout
 from ..precision import Salt, compute_dtype, rounding_keys
-from .common import Control, Hyper, StepReport, finite_grads, finite_squares, gates, needs_rounding, store
+from .common import (Control, Hyper, StepReport, buffer_offset, finite_grads, finite_squares, gates, needs_rounding,
+                     store)
 
 
 def single_tensor_update(
@@ -58,16 +59,20 @@ def single_tensor_update(
     fresh: list[bool],
     norms: list[torch.Tensor] | None = None,
     control: Control | None = None,
+    index_offsets: list[int] | None = None,
 ) -> StepReport:
+    """``index_offsets``: where each (sharded) tensor starts in its whole tensor, for the rounding noise."""
+    index_offsets = [0] * len(params) if index_offsets is None else index_offsets
     grads = [g.to(compute_dtype(p.dtype)) for p, g in zip(params, grads)]
     if norms is None:
         norms = [torch.linalg.vector_norm(g) for g in grads]
     finite, keep = gates(norms, control)
     lrs, etas = [], []
-    for param, grad, norm, state, layout, new in zip(params, grads, norms, states, layouts, fresh):
+    for param, grad, norm, state, layout, new, offset in zip(params, grads, norms, states, layouts, fresh,
+                                                             index_offsets):
         device = param.device
         lr_t, eta = _update_one(param, grad, norm, state, layout, hyper, keep.to(device), new,
-                                _controls(control, finite, hyper, device))
+                                _controls(control, finite, hyper, device), offset)
         lrs.append(lr_t.to(keep.device, torch.float32))
         etas.append(eta.to(keep.device, torch.float32))
     return StepReport(keep, torch.stack(lrs).mean(), torch.stack(etas).mean())
@@ -80,7 +85,7 @@ def _controls(control: Control | None, finite, h: Hyper, device):
     return control.lam.to(device), torch.where(finite, control.pull, 0.0).to(device)
 
 
-def _update_one(param, grad, norm, state, layout: BlockLayout, h: Hyper, keep, fresh: bool, ref):
+def _update_one(param, grad, norm, state, layout: BlockLayout, h: Hyper, keep, fresh: bool, ref, index_offset: int):
     dtype = grad.dtype
     keep_f = keep.to(dtype)
     zero = torch.zeros((), dtype=dtype, device=grad.device)
@@ -112,7 +117,7 @@ def _update_one(param, grad, norm, state, layout: BlockLayout, h: Hyper, keep, f
         offset = state["z_minus_y"].to(dtype)
         y_new = y + k.y_offset * offset + k.y_step * d
         store(state["z_minus_y"], k.offset_decay * offset + k.offset_step * d,
-              _key(state, step, Salt.Z_MINUS_Y, state["z_minus_y"], dtype))
+              _key(state, step, Salt.Z_MINUS_Y, state["z_minus_y"], dtype, index_offset))
         state["lr_max"].copy_(torch.where(keep, lr_max, state["lr_max"]))
         state["weight_sum"].copy_(torch.where(keep, weight_sum, state["weight_sum"]))
     else:
@@ -122,14 +127,15 @@ def _update_one(param, grad, norm, state, layout: BlockLayout, h: Hyper, keep, f
         m_hat = layout.blocked(m / bias1)
         d = (m_hat / denom + h.weight_decay * layout.blocked(y)).reshape(param.shape)
         y_new = y - eta * d
-        store(state["exp_avg"], m, _key(state, step, Salt.EXP_AVG, state["exp_avg"], dtype))
+        store(state["exp_avg"], m, _key(state, step, Salt.EXP_AVG, state["exp_avg"], dtype, index_offset))
 
-    store(param, y_new, _key(state, step, Salt.PARAM, param, dtype))
-    store(state["exp_avg_sq"], v, _key(state, step, Salt.EXP_AVG_SQ, state["exp_avg_sq"], dtype))
+    store(param, y_new, _key(state, step, Salt.PARAM, param, dtype, index_offset))
+    v_offset = buffer_offset(index_offset, param, state["exp_avg_sq"])
+    store(state["exp_avg_sq"], v, _key(state, step, Salt.EXP_AVG_SQ, state["exp_avg_sq"], dtype, v_offset))
     state["grad_norm_ema"].copy_(torch.where(keep, ema, state["grad_norm_ema"]))
     state["step"].copy_(step)
     return lr_t, eta
 
 
-def _key(state, step, salt: Salt, dst: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-    return rounding_keys(state["rounding_key"], step, salt) if needs_rounding(dst, dtype) else None
+def _key(state, step, salt: Salt, dst: torch.Tensor, dtype: torch.dtype, index_offset: int) -> torch.Tensor | None:
+    return rounding_keys(state["rounding_key"], step, salt, index_offset) if needs_rounding(dst, dtype) else None
