@@ -136,30 +136,48 @@ def load_sharded(model: torch.nn.Module, optimizer: Any, path: str | os.PathLike
     """Load a :func:`save_sharded` checkpoint into ``model`` and ``optimizer``.
 
     Every rank calls it, with the model built (and sharded) as when saving and
-    a new optimizer over its parameters. The optimizer's lazy state is
-    allocated first, because ``torch.distributed.checkpoint`` loads in place.
-    Afterwards the model holds ``x`` and the optimizer is in eval mode: call
-    ``optimizer.train()`` before training.
+    a new optimizer over its parameters. Exactly what was saved is loaded: a
+    parameter that had optimizer state at the save (whether it is trainable
+    now or not) gets it back bit for bit, and one that had none (an unused
+    head, a layer frozen then, an expert never routed) has none afterwards and
+    gets fresh state on its first step, as in the run that saved. Afterwards
+    the model holds ``x`` and the optimizer is in eval mode: call
+    ``optimizer.train()`` before training. The optimizer changes only once
+    everything has loaded.
     """
     _check_model(model)
     _check_path(path)
     opt = unwrap_optimizer(optimizer)
-    _allocate_state(opt)
-    target = {"model": model.state_dict(), "optimizer": opt.state_dict()}
+    target = {"model": model.state_dict(), "optimizer": _load_target(opt, _saved_state_ids(path), path)}
     _dcp().load(target, checkpoint_id=path)
     model.load_state_dict(target["model"])
     opt.load_state_dict(target["optimizer"])
 
 
+def _saved_state_ids(path: str | os.PathLike) -> set[int]:
+    """The optimizer ``state_dict`` ids (parameter ordinals) that the checkpoint holds state for."""
+    prefix = "optimizer.state."  # torch.distributed.checkpoint flattens nested keys as "optimizer.state.<id>.<name>"
+    keys = _dcp().FileSystemReader(path).read_metadata().state_dict_metadata
+    return {int(key[len(prefix):].split(".", 1)[0]) for key in keys if key.startswith(prefix)}
+
+
 @torch.no_grad()
-def _allocate_state(opt: AdamWMiniSF) -> None:
-    """Give every trainable parameter its state, as a first step would (values are overwritten)."""
-    ordinal = 0
+def _load_target(opt: AdamWMiniSF, saved: set[int], path: str | os.PathLike) -> dict[str, Any]:
+    """``opt.state_dict()`` whose state is, for exactly the ``saved`` ids, new tensors laid out as a first
+    step lays them out (``torch.distributed.checkpoint`` loads into them in place); ``opt`` is not changed."""
+    target = opt.state_dict()
+    state, ordinal = {}, 0
     for group in opt.param_groups:
         for param in group["params"]:
-            if param.requires_grad and not opt.state.get(param):
-                opt.state[param] = opt._init_state(group, param, ordinal)
+            if ordinal in saved:
+                state[ordinal] = opt._init_state(group, param, ordinal)
             ordinal += 1
+    unknown = sorted(saved - set(range(ordinal)))
+    if unknown:
+        raise ValueError(f"the checkpoint {os.fspath(path)!r} holds optimizer state for parameter ids {unknown}, "
+                         f"but the optimizer has {ordinal} parameters; build the model as when saving")
+    target["state"] = state
+    return target
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
