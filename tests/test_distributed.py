@@ -2,8 +2,12 @@
 
 The recipes of docs/integrations.md run verbatim in the workers. Each run
 is bounded: a few steps, and the worker processes are killed after
-``TIMEOUT_S``. Equivalence runs use fp32 state (see the FSDP2 section of the
-docs on why bf16 rounding noise differs per shard).
+``TIMEOUT_S``. The recipe runs use fp32 state, because each rank trains on
+its share of the batch and the reduced gradients differ from one process's
+in the last bits; the bf16 runs feed every rank the whole batch, so the
+gradients are the same bits, and compare bit for bit (the rounding noise is
+keyed by the global element index). All runs share one process group:
+spawning and warming up the workers is the slow part.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException  # not re-exported by torch.multiprocessing in every version
 
 import refadamw
 from refadamw import AdamWMiniSF, RefAdamWMiniSF
@@ -208,9 +213,120 @@ def layouts_that_straddle_ranks() -> dict[str, str]:
     return errors
 
 
+# ----------------------------------------------------- bf16 state: the world size does not matter
+
+BF16_STEPS = 4
+
+
+def bf16_run(param_dtype: torch.dtype, sharded: bool) -> dict:
+    """AdamWMiniSF with its default bf16 state on the whole global batches, with an eval()/train() round trip
+    mid-run; full parameters (y and x) and full state tensors. ``sharded``: under FSDP2 (each rank the same batches).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    model = build_model().to(param_dtype)
+    if sharded:
+        for layer in (model[0], model[2], model):
+            fully_shard(layer)
+    opt = AdamWMiniSF(model.parameters(), lr=1e-2, fused=False)  # the path DTensors take, in both runs
+    for step, (inputs, targets) in enumerate(global_batches()[:BF16_STEPS]):
+        loss_fn(model(inputs.to(param_dtype)), targets.to(param_dtype)).backward()
+        opt.step()
+        opt.zero_grad()
+        if step == 1:
+            opt.eval()  # bf16 parameters: the switch rounds y → x and back stochastically
+            opt.train()
+    out = {"y": [full(p) for p in model.parameters()],
+           "state": [{k: full(v) for k, v in opt.state[p].items()} for p in model.parameters()]}
+    with opt.averaged():
+        out["x"] = [full(p) for p in model.parameters()]
+    if sharded:
+        from refadamw import sharding
+
+        out["index_offsets"] = [sharding.index_offset(p) for p in model.parameters()]
+    return out
+
+
+def bf16_body() -> dict:
+    return {str(dtype): {"one_process": bf16_run(dtype, sharded=False), "fsdp2": bf16_run(dtype, sharded=True)}
+            for dtype in (torch.float32, torch.bfloat16)}
+
+
+# ------------------------------------------- load_sharded: parameters that had no state at the save
+
+
+def experts_run(out: Path) -> dict:
+    """tests/test_checkpoint_sharded.py's cases (unused head, frozen then unfrozen, an expert never routed)
+    under FSDP2: uninterrupted, and resumed from the checkpoint in a fresh model and optimizer."""
+    from torch.distributed.fsdp import fully_shard
+
+    from tests.test_checkpoint_sharded import SAVE_AT, STEPS, Experts, batches, train
+
+    from refadamw import load_sharded, save_sharded
+
+    def built(after_save):
+        model = Experts()
+        model.set_phase(after_save)
+        for module in (*model.experts, model.trunk, model.frozen, model.late, model.head, model.unused, model):
+            fully_shard(module)
+        return model, RefAdamWMiniSF(model.parameters(), lr=1e-2, fused=False)  # default bf16 state
+
+    def snapshot_of(model, opt):
+        return {"params": [full(p) for p in model.parameters()],
+                "state": {n: {k: full(v) for k, v in opt.state[p].items()}
+                          for n, p in model.named_parameters() if opt.state.get(p)}}
+
+    path = str(out / "experts")
+    data = batches()
+    model, opt = built(after_save=False)
+    train(model, opt, data, range(SAVE_AT))
+    save_sharded(model, opt, path)
+    result = {"saved": snapshot_of(model, opt)}
+    model.set_phase(after_save=True)
+    train(model, opt, data, range(SAVE_AT, STEPS))
+    result["uninterrupted"] = snapshot_of(model, opt)
+
+    model2, opt2 = built(after_save=True)
+    load_sharded(model2, opt2, path)
+    result["loaded"] = snapshot_of(model2, opt2)
+    opt2.train()
+    train(model2, opt2, data, range(SAVE_AT, STEPS))
+    result["resumed"] = snapshot_of(model2, opt2)
+    return result
+
+
+# ------------------------------------------------------------------- FSDP1 is refused, not run wrong
+
+
+def fsdp1_errors() -> dict[str, str]:
+    """What a real FSDP1 model gets: refused when the optimizer is built, and when accelerate-style code puts
+    FSDP1's parameters into an optimizer built before wrapping."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    errors = {}
+    for orig in (False, True):
+        wrapped = FullyShardedDataParallel(build_model(), use_orig_params=orig, device_id=torch.device("cpu"))
+        errors[f"shapes_{orig}"] = [tuple(p.shape) for p in wrapped.parameters()]
+        try:
+            AdamWMiniSF(wrapped.parameters())
+        except ValueError as error:
+            errors[f"use_orig_params={orig}"] = str(error)
+    plain = build_model()
+    opt = AdamWMiniSF(plain.parameters())
+    wrapped = FullyShardedDataParallel(plain, use_orig_params=False, device_id=torch.device("cpu"))
+    opt.param_groups[0]["params"] = list(wrapped.parameters())
+    wrapped(torch.randn(2, 64)).sum().backward()
+    try:
+        opt.step()
+    except ValueError as error:
+        errors["swapped_in"] = str(error)
+    return errors
+
+
 def ddp_and_fsdp_body(rank, world, out: Path) -> dict:
-    """Both runs in one process group: spawning and warming up workers is the slow part."""
-    return {"ddp": ddp_body(rank, world, out), "fsdp": fsdp_body(rank, world, out)}
+    """All runs in one process group: spawning and warming up workers is the slow part."""
+    return {"ddp": ddp_body(rank, world, out), "fsdp": fsdp_body(rank, world, out), "bf16": bf16_body(),
+            "experts": experts_run(out), "fsdp1": fsdp1_errors()}
 
 
 def launch(body, tmp_path: Path) -> list[dict]:
@@ -225,9 +341,9 @@ def launch(body, tmp_path: Path) -> list[dict]:
         while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
             if time.monotonic() > deadline:
                 pytest.fail(f"distributed run did not finish within {TIMEOUT_S} s")
-    except mp.ProcessException:
+    except ProcessException as error:
         errors = sorted(tmp_path.glob("rank*.error"))
-        pytest.fail("\n".join(e.read_text() for e in errors) or "a worker failed")
+        pytest.fail("\n".join(e.read_text() for e in errors) or f"a worker failed: {error}")
     finally:
         for process in ctx.processes:
             if process.is_alive():
@@ -316,3 +432,57 @@ def test_fsdp2_auto_lr_sees_whole_tensor_norms(fsdp_ranks):
     expected = auto_lr_single_process()
     for result in fsdp_ranks:
         assert_close_lists(result["auto_lr"], expected, **TOL)
+
+
+def _assert_equal_tensors(actual, expected, where=""):
+    if isinstance(expected, dict):
+        assert actual.keys() == expected.keys(), where
+        for key in expected:
+            _assert_equal_tensors(actual[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, list):
+        assert len(actual) == len(expected), where
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            _assert_equal_tensors(a, e, f"{where}[{i}]")
+    else:
+        assert actual.dtype == expected.dtype and torch.equal(actual, expected), where
+
+
+@pytest.mark.parametrize("param_dtype", ["torch.float32", "torch.bfloat16"])
+def test_fsdp2_bf16_state_is_bit_identical_to_one_process(ranks, param_dtype):
+    # World size 2 against world size 1 (one process, unsharded): the default bf16 state, and with bf16
+    # parameters the parameters and the eval()/train() switch, are stochastically rounded with the noise of
+    # each element's global index. tests/test_sharding.py holds world sizes 1-4 on simulated shards.
+    for rank, result in enumerate(ranks):
+        runs = result["bf16"][param_dtype]
+        one, fsdp2 = runs["one_process"], runs["fsdp2"]
+        assert one["state"][0]["z_minus_y"].dtype == torch.bfloat16
+        _assert_equal_tensors(fsdp2["y"], one["y"], f"rank {rank} y")
+        _assert_equal_tensors(fsdp2["x"], one["x"], f"rank {rank} x")
+        # The gradient-norm EMA is the one quantity that is not bit-identical: a whole-tensor norm is an
+        # all-reduced sum of the shards' squares, summed in another order than one process sums them.
+        for sharded, whole in zip(fsdp2["state"], one["state"]):
+            torch.testing.assert_close(sharded.pop("grad_norm_ema"), whole.pop("grad_norm_ema"), rtol=1e-6, atol=0)
+        _assert_equal_tensors(fsdp2["state"], one["state"], f"rank {rank} state")
+        # The ranks draw different noise: rank 1's shards start past rank 0's (99 rows -> 50 + 49).
+        assert fsdp2["index_offsets"] == ([0, 0, 0, 0] if rank == 0 else [50 * 64, 50, 4 * 99, 4])
+
+
+def test_fsdp2_load_sharded_restores_exactly_what_was_saved(ranks):
+    for result in ranks:
+        experts = result["experts"]
+        saved, loaded = experts["saved"]["state"], experts["loaded"]["state"]
+        assert not any(n.startswith(("unused.", "frozen.", "experts.2.")) for n in saved)
+        assert "late.weight" in saved and "experts.1.weight" in saved
+        _assert_equal_tensors(loaded, saved, "loaded state")  # stateless ones stay stateless, the rest bit-exact
+        _assert_equal_tensors(experts["resumed"], experts["uninterrupted"], "resumed")
+        assert "frozen.weight" in experts["resumed"]["state"]
+
+
+def test_fsdp1_is_refused(ranks):
+    for result in ranks:
+        errors = result["fsdp1"]
+        assert [len(shape) for shape in errors["shapes_False"]] == [1]  # one FlatParameter, 1-D
+        assert [len(shape) for shape in errors["shapes_True"]] == [1, 1, 1, 1]  # original params, flattened views
+        for case in ("use_orig_params=False", "use_orig_params=True", "swapped_in"):
+            assert "FSDP1 (FullyShardedDataParallel)" in errors[case], case
+            assert "FSDP2 (torch.distributed.fsdp.fully_shard" in errors[case], case

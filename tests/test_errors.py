@@ -727,6 +727,67 @@ def test_parameters_converted(row):
         assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
 
 
+# ------------------------------------------------------------------------- unsupported setups
+
+def _marked(*shape, **marks):
+    """A parameter carrying the attributes FSDP1 or DeepSpeed put on the ones they manage."""
+    p = _p(*shape)
+    for name, value in marks.items():
+        setattr(p, name, value)
+    return p
+
+
+def _construct(*shape, **marks):
+    return lambda cls: _build(cls, [_p(4, 3), _marked(*shape, **marks)])
+
+
+def _added_group(cls):
+    _build(cls, [_p(4, 3)]).add_param_group({"params": [_marked(64, 64, _fsdp_flattened=True)]})
+
+
+def _swapped_in(flat):
+    """The group's params replaced behind add_param_group's back, then a step (as accelerate does for an
+    optimizer built before FSDP1 wrapping, and ZeRO-1/2 with its flat fp32 partitions)."""
+    def run(cls):
+        opt = _build(cls, [_p(64, 64)])
+        param = flat()
+        param.grad = torch.randn_like(param)
+        opt.param_groups[0]["params"] = [param]
+        opt.step()
+        assert opt.state[param]  # a warning only: it stepped
+    return run
+
+
+SETUPS = [
+    Row("fsdp1-flat-parameter", "an FSDP1 `FlatParameter` (`use_orig_params=False`)", V,
+        "FSDP1 (FullyShardedDataParallel) keeps it in a flat 1-D FlatParameter shard",
+        _construct(7235, _fsdp_flattened=True, _is_flat_param=True)),
+    Row("fsdp1-orig-params", "an FSDP1 parameter with `use_orig_params=True`", V,
+        "Supported: single device, DDP (DistributedDataParallel) and FSDP2", _construct(64, 64, _fsdp_flattened=True)),
+    Row("zero3-parameter", "a DeepSpeed ZeRO-3 parameter (`ds_id`)", V, "DeepSpeed ZeRO-3 partitioned it",
+        _construct(0, ds_id=3, ds_numel=4096)),
+    Row("fsdp1-add-param-group", "`add_param_group()` with an FSDP1 parameter", V,
+        "FSDP1 (FullyShardedDataParallel)", _added_group),
+    Row("fsdp1-swapped-in", "FSDP1 parameters put into a group after construction (accelerate's remapping)", V,
+        "FSDP1 (FullyShardedDataParallel)", _swapped_in(lambda: _marked(7235, _fsdp_flattened=True))),
+    Row("zero12-partition", "a group holding one 1-D tensor of ≥ 65536 elements (a ZeRO-1/2 flat partition)", None,
+        "steps, and warns: how DeepSpeed ZeRO-1/2 hands an optimizer its flat fp32 partition",
+        _swapped_in(lambda: _p(1 << 16))),
+]
+
+
+@pytest.mark.parametrize("row", SETUPS, ids=lambda r: r.id)
+def test_unsupported_setups(row):
+    """FSDP1 and DeepSpeed ZeRO hand the optimizer flat 1-D shards: refused where marked, warned where guessed."""
+    for cls in ON[row.on]:
+        if row.error is None:
+            with pytest.warns(UserWarning, match=re.escape(row.says.split("warns: ", 1)[1])):
+                row.case(cls)
+        else:
+            with _raises(row):
+                row.case(cls)
+
+
 # ------------------------------------------------------------------------------------ the doc
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "errors.md"
@@ -734,6 +795,7 @@ TABLES = {
     "test_constructor": CONSTRUCTOR, "test_params": PARAMS, "test_add_param_group": GROUPS,
     "test_step_arguments": STEP, "test_gradients": GRADS, "test_bad_state_dict": BAD_STATE,
     "test_accepted_state_dict": ACCEPTED_STATE, "test_parameters_converted": CONVERSIONS,
+    "test_unsupported_setups": SETUPS,
 }
 HEADER = "| What you did | Exception | Message (excerpt) | Test |\n|---|---|---|---|"
 

@@ -225,6 +225,7 @@ class AdamWMiniSF(torch.optim.Optimizer):
             if not p.is_floating_point():
                 raise TypeError(f"parameters must be floating point, got a {p.dtype} parameter")
             block_layout(p.shape, group["mini"], group["block_rows"])  # raises on a bad block_rows
+            sharding.check_supported(p)  # FSDP1 / ZeRO-3 flat shards
 
     _stat_keys: tuple[str, ...] = _STAT_KEYS
 
@@ -256,6 +257,10 @@ class AdamWMiniSF(torch.optim.Optimizer):
         z = x = y); the moment buffers are left uninitialised because the
         kernels compute them directly from the first gradient.
         """
+        # Once per parameter, for parameters put into a group behind add_param_group's back (accelerate maps
+        # an optimizer built before FSDP1 wrapping onto the flat parameters; ZeRO-1/2 swaps in its partitions).
+        sharding.check_supported(param)
+        sharding.warn_if_flat_partition(group["params"], group["mini"])
         state = {}
         expected = self._expected_state(group, param)
         shard = sharding.local(param)  # a DTensor's state is built shard-local, then wrapped like it

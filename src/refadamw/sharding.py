@@ -17,6 +17,14 @@ state, so every update is shard-local:
   gate, auto-lr and the Ref controller all read it. :func:`global_norms`
   all-reduces the local sums of squares over the mesh dimensions the gradient
   is sharded on, with functional collectives (no host sync).
+
+FSDP1 (``FullyShardedDataParallel``) and DeepSpeed ZeRO hand an optimizer
+flat 1-D shards that cut across many parameters instead: a mini block would
+be a single element, a gradient norm would be the rank's piece of a flat
+buffer, and under ZeRO ``eval()`` would change the fp32 partition, never the
+weights the model evaluates with. :func:`check_supported` refuses what those
+setups mark on a parameter, and :func:`warn_if_flat_partition` warns about
+what looks like a ZeRO-1/2 partition (which carries no mark).
 """
 
 from __future__ import annotations
@@ -24,10 +32,58 @@ from __future__ import annotations
 import functools
 import math
 import sys
+import warnings
 
 import torch
 
 from .partition import BlockLayout
+
+
+SUPPORTED_SETUPS = ("single device, DDP (DistributedDataParallel) and FSDP2 (torch.distributed.fsdp.fully_shard, "
+                    "which shards each parameter along dim 0 as a DTensor)")
+
+FLAT_PARTITION_MIN_NUMEL = 1 << 16
+"""A param group holding one 1-D tensor at least this large looks like a ZeRO-1/2 flat partition."""
+
+
+def check_supported(param: torch.Tensor) -> None:
+    """Refuse a parameter that FSDP1 flattened or DeepSpeed ZeRO-3 partitioned, by the marks they leave.
+
+    FSDP1 marks its ``FlatParameter`` and, with ``use_orig_params=True``, the
+    original parameters it turned into views of one (``_fsdp_flattened``;
+    ``FlatParameter`` also has ``_is_flat_param``). ZeRO-3 gives each
+    partitioned parameter ``ds_id``, ``ds_numel`` and ``ds_tensor``.
+    """
+    if getattr(param, "_fsdp_flattened", False) or getattr(param, "_is_flat_param", False):
+        setup = "FSDP1 (FullyShardedDataParallel) keeps it in a flat 1-D FlatParameter shard"
+    elif hasattr(param, "ds_id") or hasattr(param, "ds_numel"):
+        setup = "DeepSpeed ZeRO-3 partitioned it (it has ds_id/ds_numel)"
+    else:
+        return
+    raise ValueError(
+        f"a parameter of shape {tuple(param.shape)} is not supported: {setup}. Flat 1-D shards make every mini "
+        f"second-moment block a single element and every gradient norm a rank's piece of a flat buffer, and "
+        f"eval()/train() would not reach the weights the model runs with. Supported: {SUPPORTED_SETUPS}"
+    )
+
+
+def warn_if_flat_partition(params: list[torch.Tensor], mini: bool) -> None:
+    """Warn when a param group is one large 1-D tensor, as DeepSpeed ZeRO-1/2 gives the optimizer.
+
+    ZeRO-1/2 replaces each group's ``params`` with the rank's fp32 partition
+    of all of them, flattened, after the optimizer was built, and marks it
+    with nothing; this is a heuristic, and an ordinary group of one large 1-D
+    parameter sets it off too.
+    """
+    if len(params) != 1 or params[0].dim() != 1 or params[0].numel() < FLAT_PARTITION_MIN_NUMEL or is_sharded(params[0]):
+        return
+    warnings.warn(
+        f"a param group holds a single 1-D tensor of {params[0].numel()} elements, which is how DeepSpeed ZeRO-1/2 "
+        f"hands an optimizer its flat fp32 partition. If it is one, {'mini blocks become per-element v, ' if mini else ''}"
+        f"gradient norms (auto-lr, the Ref controller) are per rank, and eval() changes the partition, not the "
+        f"weights the model evaluates with. Supported: {SUPPORTED_SETUPS}",
+        stacklevel=4,
+    )
 
 
 def _dtensor_class():
