@@ -139,3 +139,92 @@ def test_bad_arguments_are_rejected():
         optimizer_cls_and_kwargs(torch.optim.AdamW, lr=0.1)
     with pytest.raises(ValueError, match="lr"):
         optimizer_cls_and_kwargs(lr=-1.0)
+
+
+# ---------------------------------------------------------------- checkpoints hold x, for every save strategy
+
+class AveragedWeights(transformers.TrainerCallback):
+    """Records, right after each optimizer step (train mode, before any switch), the averaged
+    weights x = y − (1−β1)/β1·(z − y) (SPEC §3 item 4) in float64 from y and the stored z − y,
+    keyed by parameter identity, and the training point y."""
+
+    def __init__(self):
+        self.x: dict[int, dict[int, torch.Tensor]] = {}
+        self.y: dict[int, dict[int, torch.Tensor]] = {}
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        opt = optimizer.optimizer
+        xs, ys = {}, {}
+        for group in opt.param_groups:
+            assert group["train_mode"]  # the step ran at y
+            beta1 = group["betas"][0]
+            for p in group["params"]:
+                y = p.detach().double()
+                xs[id(p)] = y - (1 - beta1) / beta1 * opt.state[p]["z_minus_y"].double()
+                ys[id(p)] = y.clone()
+        self.x[state.global_step + 1] = xs
+        self.y[state.global_step + 1] = ys
+
+
+def _by_key(model, per_param: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: per_param[id(v)] for k, v in model.state_dict(keep_vars=True).items() if id(v) in per_param}
+
+
+def _assert_holds_x(saved: dict, model, recorder: AveragedWeights, step: int) -> None:
+    x, y = _by_key(model, recorder.x[step]), _by_key(model, recorder.y[step])
+    keys = [k for k in saved if k in x]
+    assert keys
+    for key in keys:
+        torch.testing.assert_close(saved[key].double(), x[key], atol=1e-6, rtol=1e-6, msg=f"step {step}, {key}")
+    # x is far from y here, so a checkpoint of the training point would fail the check above
+    assert max((x[k] - y[k]).abs().max().item() for k in keys) > 2e-5
+
+
+STRATEGIES = {
+    # name: (TrainingArguments overrides, train set size, checkpoints expected)
+    "steps, the run ending between saves": (dict(save_strategy="steps", save_steps=3, max_steps=8), 64, [3, 6, 8]),
+    "epoch, no evaluation": (dict(save_strategy="epoch", num_train_epochs=2), 16, [4, 8]),
+    "epoch, gradient accumulation 2": (dict(save_strategy="epoch", num_train_epochs=2, per_device_train_batch_size=2,
+                                            gradient_accumulation_steps=2), 16, [4, 8]),
+    "epoch, the run ending mid-epoch": (dict(save_strategy="epoch", max_steps=6), 16, [4, 6]),
+    "save_only_model": (dict(save_strategy="steps", save_steps=4, max_steps=8, save_only_model=True), 64, [4, 8]),
+    "best": (dict(save_strategy="best", eval_strategy="steps", eval_steps=2, max_steps=6,
+                  metric_for_best_model="eval_loss"), 64, None),
+    "load_best_model_at_end": (dict(save_strategy="steps", save_steps=2, eval_strategy="steps", eval_steps=2,
+                                    max_steps=6, load_best_model_at_end=True, metric_for_best_model="eval_loss"),
+                               64, [2, 4, 6]),
+}
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_every_checkpoint_holds_the_averaged_weights(strategy, tmp_path):
+    overrides, n_train, expected = STRATEGIES[strategy]
+    model, recorder = tiny_gpt2(), AveragedWeights()
+    args = transformers.TrainingArguments(**{**dict(output_dir=str(tmp_path), per_device_train_batch_size=4,
+                                                    logging_steps=1, report_to=[], disable_tqdm=True), **overrides})
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(n_train, 0),
+                                   eval_dataset=Tokens(8, 1),
+                                   optimizers=trainer_optimizers(model, lr=1e-2, weight_decay=0.01),
+                                   callbacks=[RefAdamWCallback(), recorder])
+    trainer.train()
+    steps = sorted(int(p.name.split("-")[1]) for p in tmp_path.glob("checkpoint-*"))
+    if expected is not None:
+        assert steps == expected
+    assert steps
+    for step in steps:
+        folder = tmp_path / f"checkpoint-{step}"
+        _assert_holds_x(weights(folder / "model.safetensors"), model, recorder, step)
+        if not args.save_only_model:
+            state = torch.load(folder / "optimizer.pt", weights_only=False)
+            assert all(not g["train_mode"] for g in state["param_groups"])  # eval mode, matching x
+    final = trainer.state.global_step
+    live = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if args.load_best_model_at_end:
+        best = Path(trainer.state.best_model_checkpoint)
+        assert best.name != f"checkpoint-{final}"  # else this case would not test the reload
+        for key, value in weights(best / "model.safetensors").items():
+            assert torch.equal(live[key], value)  # the best x, as saved
+    else:
+        _assert_holds_x(live, model, recorder, final)
+    trainer.save_model(str(tmp_path / "final"))
+    assert all(torch.equal(v, live[k]) for k, v in weights(tmp_path / "final" / "model.safetensors").items())

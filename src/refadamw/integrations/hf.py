@@ -2,11 +2,11 @@
 
 ::
 
-    from refadamw.integrations.hf import RefAdamWCallback, trainer_optimizers
+    from refadamw.integrations.hf import RefAdamWCallback, RefAdamWTrainer, trainer_optimizers
 
-    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val,
-                      optimizers=trainer_optimizers(model, lr=1e-3, weight_decay=0.1),
-                      callbacks=[RefAdamWCallback()])
+    trainer = RefAdamWTrainer(model=model, args=args, train_dataset=train, eval_dataset=val,
+                              optimizers=trainer_optimizers(model, lr=1e-3, weight_decay=0.1),
+                              callbacks=[RefAdamWCallback()])
 
 :class:`RefAdamWCallback` feeds the Ref controller and keeps the averaged
 weights ``x`` in the model whenever the Trainer evaluates or saves:
@@ -14,31 +14,41 @@ weights ``x`` in the model whenever the Trainer evaluates or saves:
 * ``max_steps``: ``state.max_steps`` is passed to every ``optimizer.step()``
   (a step pre-hook), so the injection window is known without
   ``total_steps``;
-* training loss: each logged ``loss`` (the Trainer averages it over the
-  logging interval and over ranks, so every rank feeds the same value; set
-  ``logging_steps`` small for a dense signal);
+* training loss: with :class:`RefAdamWTrainer` (or :class:`StepLossMixin` on
+  your own Trainer subclass), each optimizer step's loss, before that step,
+  as a tensor (no host sync). With a plain ``Trainer`` a callback cannot see
+  the per-step loss, only each logged ``loss``: the mean over
+  ``logging_steps`` steps, arriving after them;
 * eval loss: ``metrics["eval_loss"]`` after each evaluation, for the overfit
   detector;
-* modes: ``eval()`` at the end of a step after which the Trainer evaluates or
-  saves, ``train()`` after that (the Trainer's own ``training_step`` calls
-  ``optimizer.train()`` too), and ``eval()`` when training ends, so
-  ``trainer.save_model()`` and a later ``trainer.evaluate()`` see ``x``.
-  Checkpoints therefore hold ``x``, with the optimizer state saved in eval
-  mode to match; resuming switches back to ``y``.
+* modes: ``eval()`` at the end of any step or epoch after which the Trainer
+  evaluates, saves or stops (``control.should_evaluate``, ``should_save``,
+  ``should_training_stop``, as its ``DefaultFlowCallback`` has just set
+  them), and ``train()`` when the next step begins. Every checkpoint (steps,
+  epoch or best strategy, ``save_only_model``, the final one) and the model
+  left after ``train()`` (also the one ``load_best_model_at_end`` loads) hold
+  ``x``, with the optimizer state saved in eval mode to match; resuming
+  switches back to ``y``;
+* BatchNorm: when the model has BatchNorm layers, their running statistics
+  are recomputed at ``x`` (:func:`refadamw.recompute_bn_stats`, over the first
+  ``bn_batches`` batches of the training set, in order) each time ``x`` is
+  put in the model.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
+from ..batchnorm import batchnorm_layers, recompute_bn_stats
 from ..groups import DEFAULT_NO_DECAY, param_groups
 from ..optimizer import AdamWMiniSF, RefAdamWMiniSF
 from . import as_signal, feed_max_steps, ours
 
-__all__ = ["RefAdamWCallback", "optimizer_cls_and_kwargs", "trainer_optimizers"]
+__all__ = ["RefAdamWCallback", "RefAdamWTrainer", "StepLossMixin", "optimizer_cls_and_kwargs", "trainer_optimizers"]
 
 
 class RefAdamWCallback(TrainerCallback):
@@ -47,66 +57,143 @@ class RefAdamWCallback(TrainerCallback):
     Args:
         eval_loss_key: the metric fed as ``val_loss`` (``"eval_loss"``, or
             e.g. ``"eval_validation_loss"`` with several eval sets).
+        bn_batches: how many training batches recompute the BatchNorm
+            statistics at ``x``; 0 turns the recomputation off. Ignored for a
+            model without BatchNorm layers.
     """
 
-    def __init__(self, eval_loss_key: str = "eval_loss") -> None:
+    def __init__(self, eval_loss_key: str = "eval_loss", bn_batches: int = 8) -> None:
         if not isinstance(eval_loss_key, str) or not eval_loss_key:
             raise TypeError(f"eval_loss_key must be a non-empty string, got {eval_loss_key!r}")
+        if isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches < 0:
+            raise ValueError(f"bn_batches must be an int >= 0, got {bn_batches!r}")
         self.eval_loss_key = eval_loss_key
+        self.bn_batches = bn_batches
         self._optimizers: list[AdamWMiniSF] = []
         self._hooks: list[Any] = []
-        self._switched = False  # whether this callback put x in the model for an evaluation or save
+        self._model: torch.nn.Module | None = None
+        self._bn_loader: Any = None
+        self._at_x = False  # x is in the model (and its BatchNorm statistics are fresh) until the next step
+        self._step_losses = False  # a StepLossMixin feeds each step's loss: the logged mean is not fed
 
-    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+    def on_train_begin(self, args, state, control, optimizer=None, model=None, train_dataloader=None, **kwargs):
         self._optimizers = ours([optimizer]) if optimizer is not None else []
         for opt in self._optimizers:
             opt.train()  # a resumed checkpoint holds x and eval-mode state
             if state.max_steps and state.max_steps > 0:
                 self._hooks.append(feed_max_steps(opt, int(state.max_steps)))
+        self._at_x = False
+        self._model = model
+        self._bn_loader = None
+        if self.bn_batches and model is not None and batchnorm_layers(model) and train_dataloader is not None:
+            self._bn_loader = _in_order(train_dataloader, args.per_device_train_batch_size)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self._at_x:
+            for opt in self._optimizers:
+                opt.train()  # the Trainer's training_step calls train() too; this covers trainers that do not
+            self._at_x = False
 
     def on_step_end(self, args, state, control, **kwargs):
-        # DefaultFlowCallback (always first) has set should_evaluate/should_save for this step;
-        # the Trainer saves *before* calling on_save, so x must be in place now.
-        if control.should_evaluate or control.should_save:
-            for opt in self._optimizers:
-                opt.eval()
-            self._switched = bool(self._optimizers)
+        # DefaultFlowCallback (always first) has just decided this step's evaluation and save;
+        # the Trainer evaluates and saves right after this event, before the next step begins.
+        if control.should_evaluate or control.should_save or control.should_training_stop:
+            self._to_x()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        # Epoch strategies decide here, after the last step's on_step_end.
+        if control.should_evaluate or control.should_save or control.should_training_stop:
+            self._to_x()
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         value = as_signal((metrics or {}).get(self.eval_loss_key))
         for opt in self._optimizers:
             if value is not None and isinstance(opt, RefAdamWMiniSF):
                 opt.observe(val_loss=value)
-        if self._switched and not control.should_save:
-            self._back_to_training(state)
-
-    def on_save(self, args, state, control, **kwargs):
-        if self._switched:
-            self._back_to_training(state)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         value = as_signal((logs or {}).get("loss"))
-        if value is None:
+        if value is None or self._step_losses:
             return
         for opt in self._optimizers:
             if isinstance(opt, RefAdamWMiniSF):
                 opt.observe(loss=value)
+
+    def observe_step_loss(self, loss: torch.Tensor) -> None:
+        """Feed one optimizer step's training loss (before that step); from then on
+        the logged loss is not fed. :class:`StepLossMixin` calls this."""
+        self._step_losses = True
+        for opt in self._optimizers:
+            if isinstance(opt, RefAdamWMiniSF):
+                opt.observe(loss=loss)
 
     def on_train_end(self, args, state, control, **kwargs):
         for handle in self._hooks:
             if handle is not None:
                 handle.remove()
         self._hooks = []
-        for opt in self._optimizers:
-            opt.eval()  # the trained model is x: save_model() and evaluate() after train() see it
-        self._switched = False
+        self._to_x()  # the trained model is x: save_model() and evaluate() after train() see it
 
-    def _back_to_training(self, state) -> None:
-        # After the last step training is over: stay in x rather than round-trip x → y → x.
-        if not (state.max_steps and state.global_step >= state.max_steps):
-            for opt in self._optimizers:
-                opt.train()
-        self._switched = False
+    def _to_x(self) -> None:
+        if self._at_x or not self._optimizers:
+            return
+        for opt in self._optimizers:
+            opt.eval()
+        if self._bn_loader is not None and any(g["schedule_free"] for o in self._optimizers for g in o.param_groups):
+            recompute_bn_stats(self._model, itertools.islice(self._bn_loader, self.bn_batches))
+        self._at_x = True
+
+
+def _in_order(train_dataloader: Any, batch_size: int) -> torch.utils.data.DataLoader:
+    """The training set batched as the Trainer batches it, in order and without its sampler.
+
+    A fresh iterator over the Trainer's own (accelerate-prepared) loader would draw from its
+    sampler's random state and touch accelerate's end-of-epoch bookkeeping mid-epoch.
+    """
+    return torch.utils.data.DataLoader(train_dataloader.dataset, batch_size=batch_size, shuffle=False,
+                                       collate_fn=train_dataloader.collate_fn, num_workers=0)
+
+
+class StepLossMixin:
+    """A ``Trainer`` mixin that feeds each optimizer step's training loss to the controller.
+
+    ::
+
+        class MyTrainer(StepLossMixin, Trainer): ...
+
+    After the last micro-batch of an optimizer step (``accelerator.sync_gradients``),
+    the sum of the step's ``training_step`` losses (the value the Trainer adds
+    to its logged loss: the step's mean loss) goes to
+    :meth:`RefAdamWCallback.observe_step_loss`, before ``optimizer.step()``.
+    It stays a tensor: no host sync. With several processes it is averaged
+    over them first (``accelerator.reduce``, one small all-reduce a step), so
+    every rank's controller decides the same. A :class:`RefAdamWCallback` is
+    added if none was passed.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not any(isinstance(cb, RefAdamWCallback) for cb in self.callback_handler.callbacks):
+            self.add_callback(RefAdamWCallback())
+        self._refadamw_step_loss: torch.Tensor | None = None
+
+    def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        loss = super().training_step(*args, **kwargs)
+        total = loss if self._refadamw_step_loss is None else self._refadamw_step_loss + loss
+        if not self.accelerator.sync_gradients:  # more micro-batches to come before this step
+            self._refadamw_step_loss = total
+            return loss
+        self._refadamw_step_loss = None
+        if self.accelerator.num_processes > 1:
+            total = self.accelerator.reduce(total, reduction="mean")
+        for cb in self.callback_handler.callbacks:
+            if isinstance(cb, RefAdamWCallback):
+                cb.observe_step_loss(total.reshape(()))
+        return loss
+
+
+class RefAdamWTrainer(StepLossMixin, Trainer):
+    """``transformers.Trainer`` with :class:`StepLossMixin`: the controller gets every step's loss."""
 
 
 def _constant(_: int) -> float:
