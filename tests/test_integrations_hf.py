@@ -228,3 +228,49 @@ def test_every_checkpoint_holds_the_averaged_weights(strategy, tmp_path):
         _assert_holds_x(live, model, recorder, final)
     trainer.save_model(str(tmp_path / "final"))
     assert all(torch.equal(v, live[k]) for k, v in weights(tmp_path / "final" / "model.safetensors").items())
+
+
+# ---------------------------------------------------------------- the per-step loss feed
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_step_loss_mixin_feeds_one_loss_per_optimizer_step_before_it(accumulation, tmp_path):
+    from refadamw.integrations.hf import RefAdamWTrainer
+
+    model = tiny_gpt2()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2,
+                                          gradient_accumulation_steps=accumulation, logging_steps=1,
+                                          save_strategy="no", report_to=[], disable_tqdm=True)
+    trainer = RefAdamWTrainer(model=model, args=args, train_dataset=Tokens(32, 0),
+                              optimizers=trainer_optimizers(model, lr=1e-3))  # adds RefAdamWCallback itself
+    opt = trainer.optimizer
+    fed = []  # (controller steps taken when the loss arrived, the loss)
+    observe = opt.observe
+
+    def recording_observe(loss=None, val_loss=None):
+        if loss is not None:
+            fed.append((int(opt.controller.state_dict()["t"]), loss))
+        observe(loss=loss, val_loss=val_loss)
+
+    opt.observe = recording_observe
+    trainer.train()
+    assert [t for t, _ in fed] == [0, 1, 2, 3]  # one loss before each of the 4 steps, none from the logs
+    assert all(isinstance(loss, torch.Tensor) and loss.dim() == 0 for _, loss in fed)  # no host sync
+    # The Trainer's own per-step loss (logging_steps=1: the mean over the step's micro-batches).
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 4
+    for (_, loss), expected in zip(fed, logged):
+        assert abs(loss.item() - expected) < 1e-5
+
+
+def test_plain_trainer_feeds_the_logged_loss(tmp_path):
+    model = tiny_gpt2()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2,
+                                          logging_steps=2, save_strategy="no", report_to=[], disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(32, 0),
+                                   optimizers=trainer_optimizers(model, lr=1e-3), callbacks=[RefAdamWCallback()])
+    opt, fed = trainer.optimizer, []
+    observe = opt.observe
+    opt.observe = lambda loss=None, val_loss=None: (fed.append(loss) if loss is not None else None,
+                                                                observe(loss=loss, val_loss=val_loss))
+    trainer.train()
+    assert len(fed) == 2  # one per logging interval, after it: the documented limit of a plain Trainer
