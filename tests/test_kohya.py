@@ -4,9 +4,10 @@ Mirrors library/train_util.py (get_optimizer, get_optimizer_train_eval_fn,
 is_schedulefree_optimizer, get_dummy_scheduler) and the train_network.py loop:
 
 1. each ``--optimizer_args key=value`` is split on "=" and parsed with ``ast.literal_eval``;
-2. a name whose lowercase ends in "schedulefree" first imports ``schedulefree`` (only its own
-   three classes are taken from it); anything else is ``importlib`` + ``getattr``, built as
-   ``Class(params, lr=lr, **kwargs)``;
+2. a name whose lowercase ends in "schedulefree" first runs ``import schedulefree`` (an
+   ImportError "No schedulefree" without it) and takes a class from it only for the exact names
+   RAdamScheduleFree, AdamWScheduleFree and SGDScheduleFree; any other name, such a name included,
+   is ``importlib`` + ``getattr``, built as ``Class(params, lr=lr, **kwargs)``;
 3. ``optimizer.train()`` is called if the optimizer has it;
 4. only for a "...schedulefree" name are ``train``/``eval`` used around sampling and saving,
    and the lr scheduler is a dummy; otherwise they are no-ops and the scheduler is a constant LambdaLR;
@@ -28,6 +29,7 @@ from refadamw.precision import parse_state_dtype
 
 COMPAT = "refadamwmini_schedulefree.RefAdamWminiScheduleFree"
 PRODUCT = "refadamw.RefAdamWMiniSF"
+RECOMMENDED = "refadamw.RefAdamWMiniScheduleFree"  # the same class under a name kohya switches
 STEPS, SAVE_EVERY, LR = 12, 4, 1e-2
 
 
@@ -139,6 +141,7 @@ def _close(a, b, tol=1e-6):
 ARGS = {
     COMPAT: ['dtype="bfloat16"', "ref_max_steps=12", "weight_decay=0.01"],
     PRODUCT: ['state_dtype="bf16"', "total_steps=12", "weight_decay=0.01"],
+    RECOMMENDED: ['state_dtype="bf16"', "total_steps=12", "weight_decay=0.01"],
 }
 RECIPE = ["state_dtype='bf16'", "total_steps=12"]  # docs/migrating.md: product keywords through the compat name
 
@@ -151,8 +154,19 @@ def test_string_dtypes_parse_through_literal_eval(optimizer_type, args):
     assert optimizer.total_steps == 12
 
 
-def test_compat_name_saves_the_averaged_weights():
-    saves, final_y, final_saved, optimizer = train(COMPAT, ARGS[COMPAT])
+def test_compat_name_resumes_after_the_save_swap():
+    _, straight_y, straight_x, _ = train(COMPAT, ARGS[COMPAT], save=False)
+    saves, swapped_y, swapped_x, _ = train(COMPAT, ARGS[COMPAT])
+    _, resumed_y, resumed_x, _ = train(COMPAT, ARGS[COMPAT], resume_at=8)
+    # The y → x → y round trip costs at most fp32 rounding; training continues on the same path.
+    assert _close(swapped_y, straight_y, 1e-5) and _close(swapped_x, straight_x, 1e-5)
+    assert _close(resumed_y, straight_y, 1e-5) and _close(resumed_x, straight_x, 1e-5)
+    assert not _close(saves[0]["y"], straight_y, 1e-3)  # it did train after the first save
+
+
+@pytest.mark.parametrize("optimizer_type", [COMPAT, RECOMMENDED])
+def test_schedulefree_names_save_the_averaged_weights(optimizer_type):
+    saves, final_y, final_saved, optimizer = train(optimizer_type, ARGS[optimizer_type])
     assert [s["step"] for s in saves] == [4, 8, 12]
     last = saves[-1]
     keys = list(last["y"])
@@ -164,21 +178,18 @@ def test_compat_name_saves_the_averaged_weights():
     assert all(g["train_mode"] is False for g in last["state"]["param_groups"])  # saved in eval mode
 
 
-def test_compat_name_resumes_after_the_save_swap():
-    _, straight_y, straight_x, _ = train(COMPAT, ARGS[COMPAT], save=False)
-    saves, swapped_y, swapped_x, _ = train(COMPAT, ARGS[COMPAT])
-    _, resumed_y, resumed_x, _ = train(COMPAT, ARGS[COMPAT], resume_at=8)
-    # The y → x → y round trip costs at most fp32 rounding; training continues on the same path.
-    assert _close(swapped_y, straight_y, 1e-5) and _close(swapped_x, straight_x, 1e-5)
+def test_recommended_name_is_the_product_optimizer():
+    import refadamw
+
+    assert refadamw.RefAdamWMiniScheduleFree is refadamw.RefAdamWMiniSF
+    assert refadamw.AdamWMiniScheduleFree is refadamw.AdamWMiniSF
+    assert RECOMMENDED.lower().endswith("schedulefree") and not PRODUCT.lower().endswith("schedulefree")
+
+
+def test_recommended_name_resumes_after_the_save_swap():
+    _, straight_y, straight_x, _ = train(RECOMMENDED, ARGS[RECOMMENDED], save=False)
+    _, resumed_y, resumed_x, _ = train(RECOMMENDED, ARGS[RECOMMENDED], resume_at=8)
     assert _close(resumed_y, straight_y, 1e-5) and _close(resumed_x, straight_x, 1e-5)
-    assert not _close(saves[0]["y"], straight_y, 1e-3)  # it did train after the first save
-
-
-def test_product_name_is_not_switched_so_kohya_saves_y():
-    saves, *_ = train(PRODUCT, ARGS[PRODUCT])
-    last = saves[-1]
-    assert _close(last["weights"], last["y"], 0.0)  # kohya never calls eval() for this name
-    assert all(g["train_mode"] is True for g in last["state"]["param_groups"])
 
 
 def test_legacy_through_kohya_does_not_crash_and_saves_the_parameters():
@@ -200,15 +211,18 @@ def test_the_original_would_crash_here():
         get_train_eval_fns(optimizer, "seed.RefAdamWminiScheduleFree")
 
 
-def test_the_documented_recipe_loads():
+@pytest.mark.parametrize("page", ["docs/migrating.md", "docs/integrations.md", "README.md"])
+def test_the_documented_recipe_is_the_recommended_name_and_loads(page):
+    import re
     import shlex
     from pathlib import Path
 
-    doc = (Path(__file__).resolve().parent.parent / "docs" / "migrating.md").read_text()
-    line = next(line for line in doc.splitlines() if line.startswith("--optimizer_type"))
+    doc = (Path(__file__).resolve().parent.parent / page).read_text()
+    line = re.search(r"--optimizer_type [^`\n]*", doc).group(0)  # the first kohya command line on the page
     words = shlex.split(line)  # as a shell hands them to sd-scripts' argparse
     optimizer_type = words[words.index("--optimizer_type") + 1]
     args = words[words.index("--optimizer_args") + 1:]
-    assert optimizer_type.lower().endswith("schedulefree")
+    assert optimizer_type == RECOMMENDED
     optimizer = get_optimizer(optimizer_type, args, _network().parameters())
+    assert type(optimizer).__name__ == "RefAdamWMiniSF"
     assert parse_state_dtype(optimizer.defaults["state_dtype"]) == torch.bfloat16 and optimizer.total_steps == 2000
