@@ -274,3 +274,67 @@ def test_plain_trainer_feeds_the_logged_loss(tmp_path):
                                                                 observe(loss=loss, val_loss=val_loss))
     trainer.train()
     assert len(fed) == 2  # one per logging interval, after it: the documented limit of a plain Trainer
+
+
+# ---------------------------------------------------------------- BatchNorm statistics at x
+
+class Pairs(torch.utils.data.Dataset):
+    def __init__(self, n: int, seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        self.inputs = torch.randn(n, 4, generator=gen) * 2 + 1
+        self.labels = self.inputs.sum(dim=1, keepdim=True).tanh()
+
+    def __len__(self):
+        return len(self.inputs)
+
+    def __getitem__(self, i):
+        return {"inputs": self.inputs[i], "labels": self.labels[i]}
+
+
+class BatchNormRegressor(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = torch.nn.Linear(4, 8)
+        self.norm = torch.nn.BatchNorm1d(8)
+        self.head = torch.nn.Linear(8, 1)
+
+    def forward(self, inputs, labels=None):
+        out = self.head(torch.relu(self.norm(self.first(inputs))))
+        return {"loss": torch.nn.functional.mse_loss(out, labels), "logits": out}
+
+
+@pytest.mark.parametrize("bn_batches", [3, 0])
+def test_checkpoints_hold_batchnorm_statistics_recomputed_at_x(bn_batches, tmp_path):
+    model, recorder, train = BatchNormRegressor(), AveragedWeights(), Pairs(64, 0)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=6,
+                                          save_strategy="steps", save_steps=3, logging_steps=1, report_to=[],
+                                          disable_tqdm=True)
+    gathered = {}
+
+    class GatheredStatistics(transformers.TrainerCallback):  # the running stats as training left them
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            gathered[state.global_step + 1] = model.norm.running_mean.clone()
+
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=train,
+                                   optimizers=trainer_optimizers(model, lr=3e-2),
+                                   callbacks=[RefAdamWCallback(bn_batches=bn_batches), recorder,
+                                              GatheredStatistics()])
+    trainer.train()
+    for step in (3, 6):
+        saved = weights(tmp_path / f"checkpoint-{step}" / "model.safetensors")
+        x = _by_key(model, recorder.x[step])
+        _assert_holds_x(saved, model, recorder, step)
+        # The first-layer output at x over the first bn_batches training batches, in order.
+        hidden = [train.inputs[i * 8:(i + 1) * 8].double() @ x["first.weight"].T + x["first.bias"]
+                  for i in range(bn_batches)]
+        if bn_batches:
+            mean = torch.stack([h.mean(0) for h in hidden]).mean(0)
+            var = torch.stack([h.var(0) for h in hidden]).mean(0)
+            torch.testing.assert_close(saved["norm.running_mean"].double(), mean, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(saved["norm.running_var"].double(), var, atol=1e-5, rtol=1e-5)
+            assert int(saved["norm.num_batches_tracked"]) == bn_batches
+            assert (saved["norm.running_mean"] - gathered[step]).abs().max() > 1e-3  # not the gathered ones
+        else:  # recomputation off: the statistics gathered during training
+            torch.testing.assert_close(saved["norm.running_mean"], gathered[step], atol=0, rtol=0)
+    assert model.norm.momentum == 0.1 and model.training  # put back
