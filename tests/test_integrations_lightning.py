@@ -105,3 +105,69 @@ def test_mean_loss_closure_feeds_the_reduced_loss():
 def test_bad_arguments_are_rejected():
     with pytest.raises(TypeError, match="val_loss_key"):
         RefAdamWCallback(val_loss_key=None)
+
+
+class AveragedWeights(L.Callback):
+    """After each optimizer step (train mode): x = y − (1−β1)/β1·(z − y) in float64, by parameter name."""
+
+    def __init__(self):
+        self.x = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        opt = trainer.optimizers[0]
+        assert all(g["train_mode"] for g in opt.param_groups)
+        beta1 = opt.param_groups[0]["betas"][0]
+        self.x[trainer.global_step] = {
+            name: p.detach().double() - (1 - beta1) / beta1 * opt.state[p]["z_minus_y"].double()
+            for name, p in pl_module.named_parameters()}
+
+
+class BatchNormRegressor(L.LightningModule):
+    def __init__(self, lr=3e-2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = torch.nn.Linear(4, 8)
+        self.norm = torch.nn.BatchNorm1d(8)
+        self.head = torch.nn.Linear(8, 1)
+        self.lr = lr
+
+    def forward(self, inputs):
+        return self.head(torch.relu(self.norm(self.first(inputs))))
+
+    def training_step(self, batch, batch_idx):
+        inputs, targets = batch
+        return torch.nn.functional.mse_loss(self(inputs), targets)
+
+    def configure_optimizers(self):
+        return RefAdamWMiniSF(self.parameters(), lr=self.lr)
+
+
+@pytest.mark.parametrize("bn_batches", [3, 0])
+def test_epoch_checkpoints_without_validation_hold_x_and_its_batchnorm_statistics(bn_batches, tmp_path):
+    train = data(64, 0)
+    recorder = AveragedWeights()
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_top_k=-1,
+                                                      filename="{epoch}-{step}")
+    trainer = L.Trainer(max_epochs=2, limit_val_batches=0, callbacks=[RefAdamWCallback(bn_batches=bn_batches),
+                                                                      recorder, checkpoints],
+                        default_root_dir=tmp_path, accelerator="cpu", enable_progress_bar=False, logger=False)
+    module = BatchNormRegressor()
+    trainer.fit(module, torch.utils.data.DataLoader(train, batch_size=8, shuffle=True))
+    saved = sorted(tmp_path.glob("*.ckpt"))
+    assert [c.name for c in saved] == ["epoch=0-step=8.ckpt", "epoch=1-step=16.ckpt"]
+    for path in saved:
+        checkpoint = torch.load(path, weights_only=False)
+        step = checkpoint["global_step"]
+        x = recorder.x[step]
+        for name, value in x.items():
+            torch.testing.assert_close(checkpoint["state_dict"][name].double(), value, atol=1e-6, rtol=1e-6)
+        running_mean = checkpoint["state_dict"]["norm.running_mean"].double()
+        if bn_batches:  # the first-layer output at x over the first 3 training batches, in order
+            hidden = [train.tensors[0][i * 8:(i + 1) * 8].double() @ x["first.weight"].T + x["first.bias"]
+                      for i in range(bn_batches)]
+            torch.testing.assert_close(running_mean, torch.stack([h.mean(0) for h in hidden]).mean(0),
+                                       atol=1e-5, rtol=1e-5)
+            assert int(checkpoint["state_dict"]["norm.num_batches_tracked"]) == bn_batches
+        else:  # gathered during training, with momentum
+            assert int(checkpoint["state_dict"]["norm.num_batches_tracked"]) == step
+    assert module.norm.momentum == 0.1

@@ -22,13 +22,23 @@
 * eval loss: ``trainer.callback_metrics[val_loss_key]`` after each validation;
 * modes: ``x`` during validation (and the sanity check), ``y`` again after;
   ``x`` at the end of training; checkpoints hold ``x`` with the optimizer
-  state saved in eval mode to match (resuming switches back to ``y``).
+  state saved in eval mode to match (resuming switches back to ``y``). The
+  swap happens in ``on_save_checkpoint``, so it holds for every save,
+  whenever ``ModelCheckpoint`` (or ``trainer.save_checkpoint``) makes it;
+* BatchNorm: when the module has BatchNorm layers, their running statistics
+  are recomputed at ``x`` (:func:`refadamw.recompute_bn_stats`, over the
+  first ``bn_batches`` batches of the training set, in order) before each
+  validation and save and at the end of training. The module is called as
+  ``pl_module(batch[0])`` (or ``pl_module(**batch)`` for a dict batch); pass
+  ``bn_forward(pl_module, batch)`` for another call.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,6 +48,7 @@ try:
 except ImportError:  # the standalone package
     from pytorch_lightning import Callback
 
+from ..batchnorm import batchnorm_layers, recompute_bn_stats
 from ..checkpoint import averaged
 from ..optimizer import AdamWMiniSF, RefAdamWMiniSF
 from . import as_signal, feed_max_steps, ours
@@ -78,14 +89,27 @@ class RefAdamWCallback(Callback):
     Args:
         val_loss_key: the logged metric fed as ``val_loss`` (``self.log(...)``
             in ``validation_step``); nothing is fed while it is absent.
+        bn_batches: how many training batches recompute the BatchNorm
+            statistics at ``x``; 0 turns the recomputation off. Ignored for a
+            module without BatchNorm layers.
+        bn_forward: ``bn_forward(pl_module, batch)`` runs one batch for the
+            recomputation (default: ``pl_module(batch[0])``).
     """
 
-    def __init__(self, val_loss_key: str = "val_loss") -> None:
+    def __init__(self, val_loss_key: str = "val_loss", bn_batches: int = 8,
+                 bn_forward: Callable[[Any, Any], Any] | None = None) -> None:
         if not isinstance(val_loss_key, str) or not val_loss_key:
             raise TypeError(f"val_loss_key must be a non-empty string, got {val_loss_key!r}")
+        if isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches < 0:
+            raise ValueError(f"bn_batches must be an int >= 0, got {bn_batches!r}")
+        if bn_forward is not None and not callable(bn_forward):
+            raise TypeError(f"bn_forward must be callable, got {bn_forward!r}")
         self.val_loss_key = val_loss_key
+        self.bn_batches = bn_batches
+        self.bn_forward = bn_forward
         self._hooks: list[Any] = []
         self._validating = contextlib.ExitStack()
+        self._bn_fresh_at: int | None = None  # the global step whose x the BatchNorm statistics were computed at
 
     @staticmethod
     def _ours(trainer) -> list[AdamWMiniSF]:
@@ -107,9 +131,12 @@ class RefAdamWCallback(Callback):
         self._hooks = []
         for opt in self._ours(trainer):
             opt.eval()  # the trained model is x
+        self._recompute_bn(trainer, pl_module)
 
     def on_validation_start(self, trainer, pl_module):
         self._validating.enter_context(averaged(*self._ours(trainer)))
+        if not trainer.sanity_checking:  # before training, x = y and the statistics are the initial ones
+            self._recompute_bn(trainer, pl_module)
 
     def on_validation_end(self, trainer, pl_module):
         value = as_signal(trainer.callback_metrics.get(self.val_loss_key))
@@ -129,8 +156,23 @@ class RefAdamWCallback(Callback):
         if not opts:
             return
         with averaged(*opts):
+            self._recompute_bn(trainer, pl_module)
             weights = trainer.strategy.lightning_module_state_dict()
             checkpoint["state_dict"] = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v
                                         for k, v in weights.items()}
             if "optimizer_states" in checkpoint:
                 checkpoint["optimizer_states"] = [trainer.strategy.optimizer_state(o) for o in trainer.optimizers]
+
+    def _recompute_bn(self, trainer, pl_module) -> None:
+        """BatchNorm statistics at x (which must be in the model), once per global step."""
+        opts = self._ours(trainer)
+        if (not self.bn_batches or self._bn_fresh_at == trainer.global_step or not batchnorm_layers(pl_module)
+                or not any(g["schedule_free"] for o in opts for g in o.param_groups)):
+            return
+        loader = getattr(trainer, "train_dataloader", None)
+        if not isinstance(loader, torch.utils.data.DataLoader) or loader.batch_size is None:
+            return  # no loader yet, several combined, or a batch sampler: no batches to recompute from
+        in_order = torch.utils.data.DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False,
+                                               collate_fn=loader.collate_fn, num_workers=0)
+        recompute_bn_stats(pl_module, itertools.islice(in_order, self.bn_batches), forward=self.bn_forward)
+        self._bn_fresh_at = trainer.global_step
