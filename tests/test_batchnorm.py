@@ -103,3 +103,31 @@ def test_bad_arguments_are_rejected():
         recompute_bn_stats("model", [])
     with pytest.raises(TypeError, match="forward"):
         recompute_bn_stats(torch.nn.BatchNorm1d(2), [], forward=3)
+
+
+def test_the_docs_recipe_recomputes_at_x_and_leaves_y():
+    import re
+    from pathlib import Path
+
+    from refadamw import RefAdamWMiniSF
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "integrations.md").read_text()
+    code = re.search(r"<!-- recipe: batchnorm -->\n```python\n(.*?)```", doc, re.S).group(1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1))
+    opt = RefAdamWMiniSF(model.parameters(), lr=1e-1)
+    loader = [(torch.randn(8, 3), torch.randn(8, 1)) for _ in range(5)]
+    for inputs, targets in loader:
+        torch.nn.functional.mse_loss(model(inputs), targets).backward()
+        opt.step()
+        opt.zero_grad()
+    y = [p.detach().clone() for p in model.parameters()]
+    with opt.averaged():
+        x = [p.detach().clone() for p in model.parameters()]
+    namespace = dict(model=model, opt=opt, loader=loader, torch=torch, val_inputs=loader[0][0],
+                     val_targets=loader[0][1])
+    exec(code, namespace)
+    hidden = [inputs @ x[0].T + x[1] for inputs, _ in loader]  # the first layer at x
+    torch.testing.assert_close(model[1].running_mean, torch.stack([h.mean(0) for h in hidden]).mean(0),
+                               atol=1e-5, rtol=1e-5)
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(model.parameters(), y))  # back at y
