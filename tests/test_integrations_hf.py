@@ -133,6 +133,9 @@ def test_trainer_optimizers_returns_a_constant_schedule():
 def test_bad_arguments_are_rejected():
     with pytest.raises(TypeError, match="eval_loss_key"):
         RefAdamWCallback(eval_loss_key="")
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match="bn_batches"):
+            RefAdamWCallback(bn_batches=bad)
     with pytest.raises(TypeError, match="optimizer_cls"):
         trainer_optimizers(tiny_gpt2(), optimizer_cls=torch.optim.SGD, lr=0.1)
     with pytest.raises(TypeError, match="optimizer_cls"):

@@ -105,6 +105,10 @@ def test_mean_loss_closure_feeds_the_reduced_loss():
 def test_bad_arguments_are_rejected():
     with pytest.raises(TypeError, match="val_loss_key"):
         RefAdamWCallback(val_loss_key=None)
+    with pytest.raises(ValueError, match="bn_batches"):
+        RefAdamWCallback(bn_batches=-1)
+    with pytest.raises(TypeError, match="bn_forward"):
+        RefAdamWCallback(bn_forward=3)
 
 
 class AveragedWeights(L.Callback):
