@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import re
 from pathlib import Path
 
@@ -128,6 +130,22 @@ def test_trainer_optimizers_returns_a_constant_schedule():
         opt.step()
         scheduler.step()
     assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-3]
+
+
+def test_a_missing_lr_is_warned_about_where_the_trainer_would_drop_learning_rate(caplog):
+    """The Trainer never passes TrainingArguments.learning_rate to these optimizers, so a fine-tuner
+    who set it only there would train at the from-scratch default without knowing."""
+    model = tiny_gpt2()
+    with caplog.at_level(logging.WARNING, logger="refadamw"):
+        trainer_optimizers(model, lr=1e-5)
+        optimizer_cls_and_kwargs(lr=1e-5, total_steps=2)
+    assert not [r for r in caplog.records if "no lr given" in r.getMessage()]
+    with caplog.at_level(logging.WARNING, logger="refadamw"):
+        opt, _ = trainer_optimizers(model)
+        optimizer_cls_and_kwargs(AdamWMiniSF)
+    warned = [r.getMessage() for r in caplog.records if "no lr given" in r.getMessage()]
+    assert len(warned) == 2 and all("lr=0.003" in m and "learning_rate" in m for m in warned)
+    assert opt.param_groups[0]["lr"] == 3e-3
 
 
 def test_bad_arguments_are_rejected():

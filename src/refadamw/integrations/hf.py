@@ -37,7 +37,9 @@ weights ``x`` in the model whenever the Trainer evaluates or saves:
 
 from __future__ import annotations
 
+import inspect
 import itertools
+import logging
 from typing import Any
 
 import torch
@@ -47,6 +49,8 @@ from ..batchnorm import batchnorm_layers, recompute_bn_stats
 from ..groups import DEFAULT_NO_DECAY, param_groups
 from ..optimizer import AdamWMiniSF, RefAdamWMiniSF
 from . import as_signal, feed_max_steps, ours
+
+logger = logging.getLogger("refadamw")
 
 __all__ = ["RefAdamWCallback", "RefAdamWTrainer", "StepLossMixin", "optimizer_cls_and_kwargs", "trainer_optimizers"]
 
@@ -203,6 +207,18 @@ def _constant(_: int) -> float:
     return 1.0
 
 
+def _check_optimizer_args(optimizer_cls: Any, kwargs: dict[str, Any]) -> None:
+    if not isinstance(optimizer_cls, type) or not issubclass(optimizer_cls, AdamWMiniSF):
+        raise TypeError(f"optimizer_cls must be AdamWMiniSF or a subclass, got {optimizer_cls!r}")
+    if "lr" not in kwargs:
+        # The Trainer passes TrainingArguments.learning_rate only to optimizers it builds itself, so a
+        # fine-tuning user who set it there would silently get the from-scratch default.
+        default = inspect.signature(AdamWMiniSF.__init__).parameters["lr"].default
+        logger.warning("refadamw: no lr given, so %s uses its default lr=%g, chosen for training from scratch; "
+                       "the Trainer does not pass TrainingArguments.learning_rate on. To fine-tune a pretrained "
+                       "model pass lr=... here (docs/defaults.md, 'Fine-tuning')", optimizer_cls.__name__, default)
+
+
 def trainer_optimizers(
     model: torch.nn.Module,
     *,
@@ -218,8 +234,7 @@ def trainer_optimizers(
     scheduler is constant: Schedule-Free needs none, and without one the
     Trainer would add its default linear decay.
     """
-    if not isinstance(optimizer_cls, type) or not issubclass(optimizer_cls, AdamWMiniSF):
-        raise TypeError(f"optimizer_cls must be AdamWMiniSF or a subclass, got {optimizer_cls!r}")
+    _check_optimizer_args(optimizer_cls, kwargs)
     optimizer = optimizer_cls(param_groups(model, weight_decay, no_decay), **kwargs)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _constant)
 
@@ -233,7 +248,6 @@ def optimizer_cls_and_kwargs(
     Set ``lr_scheduler_type="constant"`` in ``TrainingArguments``: the default
     linear decay would fight Schedule-Free.
     """
-    if not isinstance(optimizer_cls, type) or not issubclass(optimizer_cls, AdamWMiniSF):
-        raise TypeError(f"optimizer_cls must be AdamWMiniSF or a subclass, got {optimizer_cls!r}")
+    _check_optimizer_args(optimizer_cls, kwargs)
     optimizer_cls([torch.zeros(1, requires_grad=True)], **kwargs)  # bad kwargs fail here, not mid-setup
     return optimizer_cls, dict(kwargs)
