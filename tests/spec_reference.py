@@ -10,6 +10,7 @@ leaves those numbers to the implementation.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -51,15 +52,40 @@ class SpecParam:
     m: torch.Tensor | None = None
     lr_max: float = 0.0
     weight_sum: float = 0.0
-    blocks: list[slice] | None = field(default=None)
+    blocks: list[tuple[slice, ...]] | None = field(default=None)
     y_grad: torch.Tensor | None = None  # y before this step's repair pull, where g was taken
+    layout: object = None  # a per-parameter block layout spec, as refadamw.partition.parse_spec reads it
 
 
-def _blocks(shape, hp: SpecHyper) -> list[slice] | None:
-    """Dim-0 row ranges sharing one v, or None for per-element v."""
-    if not hp.mini or len(shape) < 2 or math.prod(shape) < SMALL_NUMEL:
+def _blocks(shape, hp: SpecHyper, layout=None) -> list[tuple[slice, ...]] | None:
+    """The index of each set of elements sharing one v, or None for per-element v.
+
+    By shape: ``block_rows`` dim-0 slices per block for large tensors of 2+ dims.
+    A ``layout`` spec overrides that: "element"; "rows"/"columns" (dim 0/1);
+    (name or block axes, k): one block for each index of the block axes, with
+    ``k`` consecutive slices of the last one; every other dim lies whole in it.
+    """
+    if not hp.mini:
         return None
-    return [slice(r, r + hp.block_rows) for r in range(0, shape[0], hp.block_rows)]
+    if layout is None:
+        if len(shape) < 2 or math.prod(shape) < SMALL_NUMEL:
+            return None
+        layout = ((0,), hp.block_rows)
+    if layout == "element":
+        return None
+    if isinstance(layout, str):
+        layout = (layout, 1)
+    axes, k = layout
+    axes = {"rows": (0,), "columns": (1,)}.get(axes, axes)
+    starts = [range(shape[a]) for a in axes[:-1]] + [range(0, shape[axes[-1]], k)]
+    blocks = []
+    for index in itertools.product(*starts):
+        where = [slice(None)] * len(shape)
+        for a, i in zip(axes[:-1], index):
+            where[a] = slice(i, i + 1)
+        where[axes[-1]] = slice(index[-1], index[-1] + k)
+        blocks.append(tuple(where))
+    return blocks
 
 
 def spec_step(params: list[SpecParam], grads: list[torch.Tensor | None], hp: SpecHyper,
@@ -85,7 +111,7 @@ def spec_step(params: list[SpecParam], grads: list[torch.Tensor | None], hp: Spe
         return True
     for p, g in live:
         if p.t == 0:  # lazy state on the first step that has a gradient
-            p.blocks = _blocks(tuple(p.y.shape), hp)
+            p.blocks = _blocks(tuple(p.y.shape), hp, p.layout)
             p.v = torch.zeros(len(p.blocks), dtype=F64) if p.blocks is not None else torch.zeros_like(p.y)
             p.z, p.x = p.y.clone(), p.y.clone()
             p.m = torch.zeros_like(p.y)
@@ -107,9 +133,9 @@ def spec_step(params: list[SpecParam], grads: list[torch.Tensor | None], hp: Spe
             p.v = hp.beta2 * p.v + (1 - hp.beta2) * g * g
             denom = (p.v / (1 - hp.beta2**t)).sqrt() + hp.eps
         else:
-            for b, rows in enumerate(p.blocks):
-                p.v[b] = hp.beta2 * p.v[b] + (1 - hp.beta2) * (g[rows] ** 2).mean()
-                denom[rows] = math.sqrt(float(p.v[b]) / (1 - hp.beta2**t)) + hp.eps
+            for b, where in enumerate(p.blocks):
+                p.v[b] = hp.beta2 * p.v[b] + (1 - hp.beta2) * (g[where] ** 2).mean()
+                denom[where] = math.sqrt(float(p.v[b]) / (1 - hp.beta2**t)) + hp.eps
         if hp.schedule_free:
             # §3.4: the three Schedule-Free sequences, x kept explicitly.
             p.lr_max = max(p.lr_max, lr_t)

@@ -210,6 +210,23 @@ def layouts_that_straddle_ranks() -> dict[str, str]:
     plain = RefAdamWMiniSF(by_columns.parameters(), lr=1e-2, mini=False)  # per-element v works for any sharding
     plain.step()
     errors["mini_false_steps"] = int(plain.stats()["steps"])
+    # dim-1 blocks (a Conv1D-style (in, out) weight) would span the shards of dim 0: refused
+    columns = torch.nn.Linear(64, 98)
+    fully_shard(columns)
+    opt = RefAdamWMiniSF([{"params": list(columns.parameters()), "block_layouts": ["columns", None]}], lr=1e-2)
+    columns(torch.randn(2, 64)).sum().backward()
+    try:
+        opt.step()
+    except ValueError as error:
+        errors["columns"] = str(error)
+    # one block per (expert, output row) of an (experts, out, in) tensor stays shard-local
+    experts = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(4, 32, 64))])
+    fully_shard(experts)
+    opt = RefAdamWMiniSF([{"params": list(experts.parameters()), "block_layouts": [((0, 1), 1)]}], lr=1e-2)
+    experts[0].sum().backward()
+    opt.step()
+    v = opt.state[experts[0]]["exp_avg_sq"]
+    errors["experts_v"] = (tuple(v.shape), tuple(v.to_local().shape))
     return errors
 
 
@@ -430,6 +447,8 @@ def test_fsdp2_rejects_layouts_that_straddle_ranks(fsdp_ranks):
         assert "straddle ranks" in errors["block_rows"] and "block_rows dividing 49" in errors["block_rows"]
         assert "mini=False" in errors["shard_dim1"] and "dim 0" in errors["shard_dim1"]
         assert errors["mini_false_steps"] == 1
+        assert "FSDP2 shards" in errors["columns"] and "'rows'" in errors["columns"]
+        assert errors["experts_v"] == ((4, 32), (2, 32))
 
 
 def test_fsdp2_auto_lr_sees_whole_tensor_norms(fsdp_ranks):

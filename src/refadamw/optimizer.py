@@ -20,7 +20,7 @@ import torch
 from . import kernels, sharding
 from .averaging import x_to_y, y_to_x
 from .controller import RefController
-from .partition import block_layout
+from .partition import BlockLayout, block_layout
 from .precision import (AUTO, Salt, compute_dtype, parse_state_dtype, resolve_state_dtype, rounding_keys,
                         second_moment_dtype, tensor_key, write_back)
 
@@ -94,6 +94,17 @@ def _validate_hyperparameters(g: Mapping[str, Any]) -> None:
         raise ValueError("fused=True runs inside the multi-tensor path; it cannot be combined with foreach=False")
 
 
+def _check_block_layouts(group: Mapping[str, Any]) -> None:
+    """Every parameter's layout fits it; ``block_layouts``, where a group has it, holds one spec
+    (or None) per parameter. (Whether the blocks fit a sharding is checked on the first step.)"""
+    specs = group.get("block_layouts")
+    if specs is not None and (not isinstance(specs, (list, tuple)) or len(specs) != len(group["params"])):
+        raise ValueError(f"block_layouts must be a list with one layout spec (or None) per parameter of its group "
+                         f"({len(group['params'])}), got {specs!r:.200}")
+    for i, p in enumerate(group["params"]):
+        AdamWMiniSF._block_layout(group, p, i)  # raises, naming the parameter, on a spec that does not fit it
+
+
 class AdamWMiniSF(torch.optim.Optimizer):
     r"""AdamW with an Adam-mini block second moment and Schedule-Free averaging.
 
@@ -128,6 +139,11 @@ class AdamWMiniSF(torch.optim.Optimizer):
             seed's name).
         mini: block-wise second moment; ``False`` for per-element ``v``.
         block_rows: dim-0 slices per second-moment block (e.g. rows per head).
+            A param group may also hold ``block_layouts``: one layout spec per
+            parameter (``None`` for the shape rule; see
+            :func:`refadamw.partition.parse_spec`), overriding the shape rule
+            and ``block_rows``; :func:`refadamw.param_groups` fills it from
+            the model (Conv1D and MoE expert weights).
         schedule_free: ``False`` gives AdamW-mini with momentum, for ablations.
         state_dtype: storage dtype of ``z − y`` (or the momentum): ``"auto"``
             (bf16; fp64 for fp64 parameters), ``"fp32"``, ``"bf16"``,
@@ -224,8 +240,8 @@ class AdamWMiniSF(torch.optim.Optimizer):
                 raise TypeError(f"complex parameters are not supported (got a {p.dtype} parameter)")
             if not p.is_floating_point():
                 raise TypeError(f"parameters must be floating point, got a {p.dtype} parameter")
-            block_layout(p.shape, group["mini"], group["block_rows"])  # raises on a bad block_rows
             sharding.check_supported(p)  # FSDP1 / ZeRO-3 flat shards
+        _check_block_layouts(group)
 
     _stat_keys: tuple[str, ...] = _STAT_KEYS
 
@@ -235,11 +251,24 @@ class AdamWMiniSF(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------- state
 
-    def _expected_state(self, group: Mapping[str, Any], param: torch.Tensor) -> dict[str, tuple]:
+    @staticmethod
+    def _block_layout(group: Mapping[str, Any], param: torch.Tensor, index: int | None = None) -> BlockLayout:
+        """The second-moment layout of ``param``, the ``index``-th parameter of ``group`` (found if None)."""
+        specs = group.get("block_layouts")
+        if specs is None:
+            return block_layout(param.shape, group["mini"], group["block_rows"])
+        if index is None:
+            index = next(i for i, p in enumerate(group["params"]) if p is param)
+        names = group.get("param_names")
+        name = f"parameter {names[index]!r}" if names else f"parameter {index} of its param group"
+        return block_layout(param.shape, group["mini"], group["block_rows"], specs[index], name)
+
+    def _expected_state(self, group: Mapping[str, Any], param: torch.Tensor,
+                        index: int | None = None) -> dict[str, tuple]:
         """State key → (shape, dtype) that a parameter of ``group`` carries."""
         scalar = ((), compute_dtype(param.dtype))
         storage = resolve_state_dtype(group["state_dtype"], param.dtype)
-        layout = block_layout(param.shape, group["mini"], group["block_rows"])
+        layout = self._block_layout(group, param, index)
         expected = {key: scalar for key in _SCALAR_STATE}
         expected["rounding_key"] = ((), torch.int32)
         expected["exp_avg_sq"] = (layout.state_shape(param.shape), second_moment_dtype(storage))
@@ -250,7 +279,8 @@ class AdamWMiniSF(torch.optim.Optimizer):
             expected["exp_avg"] = (param.shape, storage)
         return expected
 
-    def _init_state(self, group: Mapping[str, Any], param: torch.Tensor, ordinal: int) -> dict[str, torch.Tensor]:
+    def _init_state(self, group: Mapping[str, Any], param: torch.Tensor, ordinal: int,
+                    index: int | None = None) -> dict[str, torch.Tensor]:
         """Fresh state for ``param``'s first step.
 
         ``z_minus_y`` starts at exactly 0 (Schedule-Free starts with
@@ -262,9 +292,9 @@ class AdamWMiniSF(torch.optim.Optimizer):
         sharding.check_supported(param)
         sharding.warn_if_flat_partition(group["params"], group["mini"])
         state = {}
-        expected = self._expected_state(group, param)
+        expected = self._expected_state(group, param, index)
         shard = sharding.local(param)  # a DTensor's state is built shard-local, then wrapped like it
-        layout = sharding.local_layout(block_layout(param.shape, group["mini"], group["block_rows"]), param)
+        layout = sharding.local_layout(self._block_layout(group, param, index), param)
         local_shapes = {"exp_avg_sq": layout.state_shape(shard.shape), "exp_avg": shard.shape,
                         "z_minus_y": shard.shape}
         for key, (shape, dtype) in expected.items():
@@ -287,21 +317,22 @@ class AdamWMiniSF(torch.optim.Optimizer):
         """
         params, grads, states, layouts, fresh = [], [], [], [], []
         whole = []  # the gradients as given (DTensor for FSDP2), for whole-tensor norms
-        for ordinal, p in enumerate(group["params"], start=first_ordinal):
+        for index, p in enumerate(group["params"]):
+            ordinal = first_ordinal + index
             if p.grad is None:
                 continue  # gradients were checked by _check_grads before any state was created
             state = self.state[p]
             fresh.append(not state)
             if not state:
-                state.update(self._init_state(group, p, ordinal))
+                state.update(self._init_state(group, p, ordinal, index))
             elif state["step"].dtype != compute_dtype(p.dtype) or state["step"].device != p.device:
                 self._follow_conversion(group, p, state)
-            layout = block_layout(p.shape, group["mini"], group["block_rows"])
+            layout = self._block_layout(group, p, index)
             if state["exp_avg_sq"].shape != layout.state_shape(p.shape):
                 raise ValueError(
                     f"the second-moment state of a parameter of shape {tuple(p.shape)} has shape "
                     f"{tuple(state['exp_avg_sq'].shape)}, which does not match mini={group['mini']}, "
-                    f"block_rows={group['block_rows']}; these cannot change after the first step"
+                    f"block_rows={group['block_rows']} and its block_layouts; these cannot change after the first step"
                 )
             params.append(sharding.local(p))
             grad = p.grad if p.grad.dtype == p.dtype else p.grad.to(compute_dtype(p.dtype))
@@ -557,10 +588,11 @@ class AdamWMiniSF(torch.optim.Optimizer):
             new_group["params"] = group["params"]
             if "param_names" not in saved and "param_names" in group:
                 new_group["param_names"] = group["param_names"]
+            _check_block_layouts(new_group)
             new_group["stats"] = self._checked_stats(saved["stats"], group["stats"], i)
-            for param, key in zip(group["params"], saved["params"]):
+            for index, (param, key) in enumerate(zip(group["params"], saved["params"])):
                 if key in saved_state:
-                    new_state[param] = self._checked_param_state(new_group, param, saved_state[key], key)
+                    new_state[param] = self._checked_param_state(new_group, param, saved_state[key], key, index)
             new_groups.append(new_group)
         listed = {key for saved in saved_groups for key in saved["params"]}
         unlisted = sorted(set(saved_state) - listed, key=str)
@@ -575,10 +607,10 @@ class AdamWMiniSF(torch.optim.Optimizer):
             raise ValueError(f"param group {index} of the state_dict has malformed 'stats'")
         return {k: saved[k].detach().to(current[k], copy=True).reshape(()) for k in self._stat_keys}
 
-    def _checked_param_state(self, group, param, saved: Any, key: Any) -> dict[str, torch.Tensor]:
+    def _checked_param_state(self, group, param, saved: Any, key: Any, index: int) -> dict[str, torch.Tensor]:
         if not isinstance(saved, Mapping):
             raise TypeError(f"state of parameter {key} is not a dict")
-        expected = self._expected_state(group, param)
+        expected = self._expected_state(group, param, index)
         if set(saved) != set(expected):
             raise ValueError(
                 f"state of parameter {key} has keys {sorted(saved)}, expected {sorted(expected)} "

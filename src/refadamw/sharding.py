@@ -4,7 +4,7 @@ The kernels work on plain tensors. For a ``DTensor`` parameter the optimizer
 hands them the rank's local shard, its local gradient and local views of the
 state, so every update is shard-local:
 
-* the second-moment blocks run along dim 0, which is the dimension FSDP2
+* the second-moment blocks are indexed by dim 0, the dimension FSDP2
   shards, so a block never straddles two ranks (:func:`local_layout` checks
   it and refuses layouts where it would);
 * the state tensors are ``DTensor`` s with the parameter's mesh and
@@ -131,17 +131,28 @@ def local_layout(layout: BlockLayout, param: torch.Tensor) -> BlockLayout:
 
     The layout is chosen from the global shape (a shard may be small enough to
     fall under the per-element threshold; the blocks must not change with the
-    world size). Shard boundaries must fall on block boundaries.
+    world size). Shard boundaries must fall on block boundaries, so the block
+    axes must include dim 0: a block that spans the sharded dim (dim-1 blocks
+    of an ``(in, out)`` Conv1D weight, say) would need its mean square summed
+    across ranks, which is not supported.
     """
     if not is_sharded(param) or layout.per_element:
         return layout
-    chunk = -(-param.shape[0] // _dim0_shards(param))  # rows per rank, as torch.chunk splits dim 0
-    if chunk % layout.block_rows:
+    pieces = _dim0_shards(param)
+    if layout.axes[0] != 0 and pieces > 1:
+        raise ValueError(
+            f"second-moment blocks along dims {layout.axes} of a parameter of shape {tuple(param.shape)} span "
+            f"its dim 0, which FSDP2 shards across ranks; this is not supported. Give it dim-0 blocks or "
+            "per-element v: e.g. refadamw.param_groups(model, ..., block_layouts={name: 'rows'}) "
+            "(or 'element'), or mini=False for its param group"
+        )
+    chunk = -(-param.shape[0] // pieces)  # rows per rank, as torch.chunk splits dim 0
+    if layout.axes == (0,) and chunk % layout.block_rows:
         raise ValueError(
             f"block_rows={layout.block_rows} second-moment blocks would straddle ranks: a parameter of shape "
             f"{tuple(param.shape)} is sharded into {chunk} rows per rank; pick block_rows dividing {chunk}"
         )
-    return BlockLayout(n_blocks=param.to_local().shape[0] // layout.block_rows, block_rows=layout.block_rows)
+    return layout.for_shape(param.to_local().shape)
 
 
 def index_offset(t: torch.Tensor) -> int:

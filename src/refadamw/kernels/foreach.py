@@ -216,9 +216,8 @@ def _fused_update(params, grads, states, layouts, h: Hyper, dtype, k) -> None:
     denoms = torch._foreach_sqrt(vs)
     torch._foreach_div_(denoms, k["sqrt_bias2"])
     torch._foreach_add_(denoms, h.eps)
-    for i, (p, g, s, dn) in enumerate(zip(params, grads, states, denoms)):
-        rows = dn.numel()
-        args = (p.view(rows, -1), g.view(rows, -1), s["z_minus_y"].view(rows, -1), dn.view(rows, 1),
+    for i, (p, g, s, dn, lay) in enumerate(zip(params, grads, states, denoms, layouts)):
+        args = (lay.grid(p), lay.grid(g), lay.grid(s["z_minus_y"]), lay.grid_v(dn, p.shape),
                 k["coef"][i], k["key_param"][i], k["key_buffer"][i])
         if not fused_kernel.fused_pass(*args):
             fused_kernel.sf_pass(*args)  # compiling failed: the same arithmetic, uncompiled, this once

@@ -20,7 +20,9 @@ denominator are small tensors. The arithmetic is the multi-tensor path's
 (:mod:`refadamw.kernels.foreach`), in the same order; tests hold the two
 equal. Each tensor is viewed as ``(n_blocks, block_numel)`` (per-element
 ``v`` is ``block_numel = 1``), so a handful of dynamic-shape graphs serve
-every shape.
+every shape; a layout whose blocks are not contiguous (dim-1 blocks of a
+Conv1D weight) passes its blocked view and a broadcastable ``denom`` instead
+(:meth:`refadamw.partition.BlockLayout.grid`).
 
 A skipped step (non-finite gradient, or the controller's level 3) runs with
 η = c = 0 and leaves ``y`` and ``δ`` exactly as they were, since the gradient is
@@ -55,8 +57,9 @@ def sf_pass(y, g, offset, denom, coef, key_y, key_offset) -> None:
     """One tensor's elementwise Schedule-Free update, in place (see the module docstring).
 
     ``y``, ``g``, ``offset``: ``(n_blocks, block_numel)`` views of the
-    parameter, its gradient and ``δ = z − y``; ``denom``: ``(n_blocks, 1)``
-    fp32; ``coef``: fp32 vector ordered as :data:`COEFFICIENTS`;
+    parameter, its gradient and ``δ = z − y`` (or blocked views); ``denom``:
+    fp32, ``(n_blocks, 1)`` (or shaped to broadcast against them); ``coef``:
+    fp32 vector ordered as :data:`COEFFICIENTS`;
     ``key_y``/``key_offset``: rounding keys for bf16/fp16 storage (ignored otherwise).
     """
     g = g.float()
