@@ -219,13 +219,14 @@ def layouts_that_straddle_ranks() -> dict[str, str]:
         opt.step()
     except ValueError as error:
         errors["columns"] = str(error)
-    # one block per (expert, output row) of an (experts, out, in) tensor stays shard-local
-    experts = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(4, 32, 64))])
-    fully_shard(experts)
-    opt = RefAdamWMiniSF([{"params": list(experts.parameters()), "block_layouts": [((0, 1), 1)]}], lr=1e-2)
-    experts[0].sum().backward()
+    # one block per index of dims 0 and 1 of a 3-D weight (as for (experts, out, in)) stays shard-local
+    bilinear = torch.nn.Bilinear(32, 64, 4)  # weight (4, 32, 64)
+    fully_shard(bilinear)
+    opt = RefAdamWMiniSF([{"params": [bilinear.weight, bilinear.bias], "block_layouts": [((0, 1), 1), None]}],
+                         lr=1e-2)
+    bilinear(torch.randn(2, 32), torch.randn(2, 64)).sum().backward()
     opt.step()
-    v = opt.state[experts[0]]["exp_avg_sq"]
+    v = opt.state[bilinear.weight]["exp_avg_sq"]
     errors["experts_v"] = (tuple(v.shape), tuple(v.to_local().shape))
     return errors
 
