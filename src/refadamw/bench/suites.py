@@ -6,6 +6,8 @@
 * ``controller`` (SPEC.md §3.5–6): recovery from a ×1000 gradient spike,
   false alarms on clean runs, and the λ × window sweep.
 * ``ladder``: the repair strength ρ per divergence level, against spikes.
+* ``lora`` (:mod:`refadamw.bench.lora`): second-moment blocks against
+  per-element ``v`` for LoRA factors.
 
 Every optimizer runs at the best lr of a small grid (seed 0, reported), then
 over all seeds at that lr. Quality runs use one thread; timings use two.
@@ -21,6 +23,7 @@ from collections.abc import Callable
 import torch
 
 from . import runner
+from .lora import lora
 from .memory import peak_memory
 from .measure import linear_stack, low_precision_drift, state_bytes_per_param, step_times
 from .optimizers import MissingPeer, build
@@ -291,7 +294,7 @@ def seed(bench: Bench, workloads: tuple[str, ...]) -> tuple[dict, str]:
     return out, "\n".join(report)
 
 
-SUITES = {"precision": precision, "controller": controller, "ladder": ladder, "seed": seed}
+SUITES = {"precision": precision, "controller": controller, "ladder": ladder, "seed": seed, "lora": lora}
 
 
 def run(suite: str, quick: bool, seeds: tuple[int, ...], workloads: tuple[str, ...]) -> tuple[dict, str]:
