@@ -60,7 +60,8 @@ class SpecParam:
 def _blocks(shape, hp: SpecHyper, layout=None) -> list[tuple[slice, ...]] | None:
     """The index of each set of elements sharing one v, or None for per-element v.
 
-    By shape: ``block_rows`` dim-0 slices per block for large tensors of 2+ dims.
+    By shape: one block per dim-0 slice for every 2-D tensor and for 3+-D tensors of at least
+    SMALL_NUMEL elements, ``block_rows`` slices per block for those of at least SMALL_NUMEL.
     A ``layout`` spec overrides that: "element"; "rows"/"columns" (dim 0/1);
     (name or block axes, k): one block for each index of the block axes, with
     ``k`` consecutive slices of the last one; every other dim lies whole in it.
@@ -68,9 +69,10 @@ def _blocks(shape, hp: SpecHyper, layout=None) -> list[tuple[slice, ...]] | None
     if not hp.mini:
         return None
     if layout is None:
-        if len(shape) < 2 or math.prod(shape) < SMALL_NUMEL:
+        numel = math.prod(shape)
+        if len(shape) < 2 or numel == 0 or (len(shape) > 2 and numel < SMALL_NUMEL):
             return None
-        layout = ((0,), hp.block_rows)
+        layout = ((0,), hp.block_rows if numel >= SMALL_NUMEL else 1)
     if layout == "element":
         return None
     if isinstance(layout, str):

@@ -12,7 +12,9 @@ from refadamw.partition import SMALL_NUMEL, BlockLayout, block_layout
         ((32, 8, 4, 4), True, 4, (8,)),  # rows grouped, e.g. per attention head
         ((64,), True, 1, (64,)),  # 1-D: per element
         ((), True, 1, ()),  # 0-D: per element
-        ((3, 5), True, 1, (3, 5)),  # small: per element
+        ((3, 5), True, 1, (3,)),  # small 2-D (a LoRA factor): still one block per row
+        ((8, 320), True, 4, (8,)),  # block_rows applies to large tensors only
+        ((2, 3, 5), True, 1, (2, 3, 5)),  # small 3-D: per element
         ((64, 64), False, 1, (64, 64)),  # mini off: per element
         ((0, 4096), True, 1, (0, 4096)),  # empty: per element
     ],
@@ -22,8 +24,10 @@ def test_block_shapes(shape, mini, block_rows, v_shape):
 
 
 def test_small_threshold_is_exact():
-    assert block_layout((1, SMALL_NUMEL - 1)).per_element
-    assert not block_layout((1, SMALL_NUMEL)).per_element
+    assert block_layout((1, 1, SMALL_NUMEL - 1)).per_element
+    assert not block_layout((1, 1, SMALL_NUMEL)).per_element
+    assert block_layout((2, SMALL_NUMEL // 2 - 1), True, 2).n_blocks == 2  # under it, block_rows is not applied
+    assert block_layout((2, SMALL_NUMEL // 2), True, 2).n_blocks == 1
 
 
 @pytest.mark.parametrize("rows", [0, -1, 1.5, True])

@@ -12,15 +12,20 @@ consecutive slices into one block (e.g. the rows of one attention head).
 
 The default layout is by shape:
 
-* tensors with 2 or more dimensions and at least :data:`SMALL_NUMEL`
-  elements get one block per slice along dim 0 (one per output row, output
-  channel or embedding row);
-* 0-d and 1-d tensors (biases, norms) and small tensors keep a per-element
-  ``v``; their state is small anyway.
+* 2-d tensors of any size, and tensors of 3 or more dimensions with at
+  least :data:`SMALL_NUMEL` elements, get one block per slice along dim 0
+  (one per output row, output channel or embedding row);
+* 0-d and 1-d tensors (biases, norms) and small tensors of 3 or more
+  dimensions keep a per-element ``v``; their state is small anyway.
+
+Small 2-d tensors are mostly LoRA factors, ``(r, in)`` and ``(out, r)``:
+``refadamw bench --suite lora`` measured row blocks for them within 0.6% of
+per-element ``v`` in validation loss, at half the state (docs/algorithm.md).
 
 A param group may set ``block_rows`` to group several consecutive dim-0
-slices into one block, and ``mini=False`` gives the plain per-element ``v``
-of Adam. A per-parameter layout spec (the ``block_layouts`` group key, which
+slices of its tensors of at least :data:`SMALL_NUMEL` elements into one
+block (smaller ones keep one block per row), and ``mini=False`` gives the
+plain per-element ``v`` of Adam. A per-parameter layout spec (the ``block_layouts`` group key, which
 :func:`refadamw.param_groups` fills from the model) overrides the shape rule;
 see :func:`parse_spec`. It is how a weight whose output axis is not dim 0
 gets per-output blocks: HF ``Conv1D`` stores ``(in, out)`` (``"columns"``),
@@ -43,7 +48,8 @@ from typing import Any
 import torch
 
 SMALL_NUMEL = 4096
-"""Tensors with fewer elements than this keep a per-element ``v`` under the shape rule."""
+"""Under the shape rule, tensors of 3+ dims with fewer elements keep a per-element ``v``, and
+``block_rows`` applies only to tensors of at least this many elements."""
 
 NAMED_AXES = {"rows": (0,), "columns": (1,)}
 """Spec names for single block axes: ``"rows"`` = dim 0, ``"columns"`` = dim 1."""
@@ -145,7 +151,8 @@ def _blocks(axes: tuple[int, ...], size: int, shape) -> BlockLayout:
 
 def large(shape: torch.Size | tuple[int, ...]) -> bool:
     """Whether the shape rule gives a tensor of ``shape`` blocks (else per-element ``v``)."""
-    return len(shape) >= 2 and math.prod(shape) >= SMALL_NUMEL
+    numel = math.prod(shape)
+    return (len(shape) == 2 and numel > 0) or (len(shape) > 2 and numel >= SMALL_NUMEL)
 
 
 def parse_spec(spec: Any, name: str = "the parameter") -> tuple[tuple[int, ...], int] | None:
@@ -203,6 +210,8 @@ def block_layout(shape: torch.Size | tuple[int, ...], mini: bool = True, block_r
         return _blocks(axes, size, shape) if math.prod(shape) else BlockLayout()
     if not mini or not large(shape):
         return BlockLayout()
+    if math.prod(shape) < SMALL_NUMEL:
+        block_rows = 1  # a small 2-d tensor (a LoRA factor, say): heads are a large tensor's rows
     rows = shape[0]
     if rows % block_rows:
         raise ValueError(

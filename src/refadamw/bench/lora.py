@@ -37,7 +37,7 @@ SHIFT_RANK = 8
 RANKS = (8, 16)
 LAYOUTS = {"element": ("element", "element"), "rows": ("rows", "rows"), "A columns": ("columns", "rows")}
 """Layout name → (spec of A, spec of B)."""
-LR_GRID = (3e-3, 1e-2, 3e-2)
+LR_GRID = (1e-2, 3e-2, 1e-1)
 BATCH = 128
 STEPS = {True: (100, 100), False: (400, 400)}
 """``quick`` → (pretraining steps, fine-tuning steps)."""
