@@ -90,12 +90,32 @@ def test_loss_levels_against_the_ema():
     settle(c)
     d = levels_of(c, [1.3, 1.0, 1.7, 1.0, 3.0, 1.0])
     assert [x.level.item() for x in d] == [1, 0, 2, 0, 3, 0]
-    # actions: no injection while diverging, the ladder, skip only at level 3
+    # actions: no injection while diverging, skip from level 2, no pull for a passing spike
     assert [x.lam.item() for x in d] == [0, 0.5, 0, 0.5, 0, 0.5]
+    assert [x.pull.item() for x in d] == [0] * 6
+    assert [x.skip.item() for x in d] == [False, False, True, False, True, False]
+    s = c.stats()
+    # the two skipped steps leave the clock: 36 decisions, 34 steps counted
+    assert (s["repairs"], s["skips"], s["flagged_steps"], s["controller_steps"]) == (0, 2, 3, 34)
+
+
+def test_the_seeds_actions_with_an_immediate_pull_and_skip_at_level_3():
+    c = make(total_steps=100, window=(0.0, 1.0), pull_after=1, skip_level=3)
+    settle(c)
+    d = levels_of(c, [1.3, 1.0, 1.7, 1.0, 3.0, 1.0])
     assert [round(x.pull.item(), 6) for x in d] == [0.3, 0, 0.5, 0, 1.0, 0]
     assert [x.skip.item() for x in d] == [False, False, False, False, True, False]
     s = c.stats()
-    assert (s["repairs"], s["skips"], s["flagged_steps"], s["controller_steps"]) == (3, 1, 3, 36)
+    assert (s["repairs"], s["skips"], s["flagged_steps"], s["controller_steps"]) == (3, 1, 3, 35)
+
+
+def test_only_a_lasting_divergence_pulls():
+    c = make(total_steps=100, window=(0.0, 1.0), pull_after=4, reanchor_after=10)
+    settle(c)
+    d = levels_of(c, [3.0] * 12)
+    assert [x.level.item() for x in d] == [3] * 9 + [0] * 3  # reanchored at the 10th
+    assert [x.pull.item() for x in d] == [0.0] * 3 + [1.0] * 6 + [0.0] * 3
+    assert [x.skip.item() for x in d] == [True] * 9 + [False] * 3
 
 
 def test_a_rise_within_the_noise_is_not_flagged():
@@ -174,7 +194,7 @@ def test_grad_norm_spike_without_loss():
     for n in norms:
         assert c.decide(n).level == 0
     d = c.decide(norms[-1] * 1000)
-    assert (d.level.item(), d.lam.item(), d.pull.item(), d.skip.item()) == (3, 0.0, 1.0, True)
+    assert (d.level.item(), d.lam.item(), d.pull.item(), d.skip.item()) == (3, 0.0, 0.0, True)
     assert c.decide(norms[-1]).level == 0  # the spike did not enter the baseline
 
 
@@ -227,7 +247,7 @@ def test_repair_off_reports_levels_but_never_pulls_or_skips():
 
 
 def test_custom_ladder():
-    c = make(ladder=(0.0, 0.1, 0.2, 0.3))
+    c = make(ladder=(0.0, 0.1, 0.2, 0.3), pull_after=1)
     settle(c)
     assert [round(x.pull.item(), 6) for x in levels_of(c, [1.3, 1.7, 3.0, 1.0])] == [0.1, 0.2, 0.3, 0.0]
 
@@ -419,6 +439,8 @@ def test_to_moves_the_state():
     (dict(loss_ratios=(1.5, 1.2, 2.0)), ValueError), (dict(loss_ratios=(0.5, 1.2, 2.0)), ValueError),
     (dict(gnorm_z=(3, 5)), TypeError), (dict(noise_k=-1.0), ValueError), (dict(beta=0.0), ValueError),
     (dict(beta=2.0), ValueError), (dict(warmup=0), ValueError), (dict(reanchor_after=1.5), ValueError),
+    (dict(pull_after=0), ValueError), (dict(skip_level=0), ValueError), (dict(skip_level=5), ValueError),
+    (dict(skip_level=True), ValueError),
 ])
 def test_bad_constructor_args_raise(kwargs, error):
     with pytest.raises(error):
@@ -439,3 +461,28 @@ def test_bad_signals_raise_before_changing_state(call, error):
     with pytest.raises(error):
         call(c)
     assert all(torch.equal(v, c.state_dict()[k]) for k, v in before.items())
+
+
+# -- the unclipped gradient norm ----------------------------------------------------------------
+
+def test_unclipped_norm_undoes_a_power_of_two_scale_learnt_on_unclipped_steps():
+    c = make()
+    raw, seen = torch.tensor([3.0, 4.0]), torch.tensor([3.0, 4.0])
+    assert c.unclipped_norm(raw, seen) == 5.0  # no scale, no clipping
+    s = 2.0 ** 16  # an fp16 loss scale: hooks see S·g, step() sees g
+    assert c.unclipped_norm(raw * s, seen) == 5.0 and c.state_dict()["grad_scale_log2"] == 16
+    # a clipped step (÷ 50 after unscaling): the ratio is no power of two, the learnt scale is kept
+    assert torch.isclose(c.unclipped_norm(raw * s * 10, seen * 10 / 50), torch.tensor(50.0))
+    # a gradient enlarged after backward still counts: never less than what step() sees
+    assert c.unclipped_norm(raw, seen * 7) == 35.0
+    # tensors without a recorded norm (0) contribute what step() sees
+    assert c.unclipped_norm(torch.tensor([0.0, 4.0 * s]), torch.tensor([3.0, 4.0])) == 5.0
+
+
+def test_a_state_dict_without_the_scale_key_still_loads():
+    c = make()
+    state = c.state_dict()
+    del state["grad_scale_log2"]
+    c2 = make()
+    c2.load_state_dict(state)
+    assert c2.state_dict()["grad_scale_log2"] == 0

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 import numbers
+import weakref
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -705,6 +706,67 @@ class RefAdamWMiniSF(AdamWMiniSF):
         super().__init__(params, *args, **kwargs)
         device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
         self.controller = RefController(float(ref_alpha), tuple(ref_window), total_steps, repair, device)
+        self._watch_gradients()
+
+    # -- the raw gradient norm: recorded as backward accumulates it, before any trainer clips ----------
+    def _watch_gradients(self) -> None:
+        """Record each parameter's gradient norm when backward has accumulated it.
+
+        Trainers clip (and fp16 scalers unscale) between backward and
+        ``step()``; the controller must see the gradient before that. The
+        hooks are not state: a copy or an unpickled optimizer registers its
+        own. They hold the optimizer weakly, so they outlive it harmlessly.
+        DTensor (FSDP2) parameters are not watched: their shards are
+        reduce-scattered after the hook would run.
+        """
+        self._raw_norms: dict[torch.Tensor, torch.Tensor] = {}
+        self._fed_grad_norm: torch.Tensor | None = None
+        owner = weakref.ref(self)
+
+        def record(param: torch.Tensor) -> None:
+            opt = owner()
+            if opt is not None and param.grad is not None:  # a device tensor: no host sync
+                opt._raw_norms[param] = torch.linalg.vector_norm(param.grad.detach(), dtype=compute_dtype(param.dtype))
+
+        self._grad_hooks = [p.register_post_accumulate_grad_hook(record) for g in self.param_groups
+                            for p in g["params"] if p.requires_grad and not sharding.is_sharded(p)]
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_grad_hooks"):  # a group added after construction is watched too
+            self._unwatch_gradients()
+            self._watch_gradients()
+
+    def _unwatch_gradients(self) -> None:
+        for handle in self.__dict__.pop("_grad_hooks", []):
+            handle.remove()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._raw_norms.clear()  # a backward that never reached step() (a scaler's inf skip) is forgotten
+        super().zero_grad(set_to_none)
+
+    def _raw_grad_norm(self, work, seen: list[torch.Tensor]) -> torch.Tensor:
+        """The global gradient norm the controller reads: fed by :meth:`observe`, else recorded at
+        backward (all-reduced under data parallelism), else the one ``step()`` sees."""
+        device = self.controller.device
+        fed, self._fed_grad_norm = self._fed_grad_norm, None
+        if fed is not None:
+            return fed.to(device, torch.float32)
+        seen = [n.to(device, torch.float32) for n in seen]
+        recorded = [self._raw_norms.get(p) for _, params, *_ in work for p in params]
+        self._raw_norms.clear()
+        if not any(r is not None for r in recorded):
+            return torch.linalg.vector_norm(torch.stack(seen)) if seen else torch.zeros((), device=device)
+        raw = torch.stack([torch.zeros((), device=device) if r is None else r.to(device, torch.float32)
+                           for r in recorded])
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            # DDP's hooks see each rank's own gradient: average the squares so every rank decides alike.
+            import torch.distributed._functional_collectives as funcol
+
+            raw = (funcol.all_reduce(raw.square(), "sum", torch.distributed.group.WORLD)
+                   / torch.distributed.get_world_size()).sqrt()
+        return self.controller.unclipped_norm(raw, torch.stack(seen))
 
     @property
     def total_steps(self) -> int | None:
@@ -719,11 +781,18 @@ class RefAdamWMiniSF(AdamWMiniSF):
         _check_steps("max_steps", max_steps)
         return self._step(closure, loss=loss, val_loss=val_loss, max_steps=max_steps)
 
-    def observe(self, loss=None, val_loss=None) -> None:
-        """Feed the controller from a callback; it acts on the next ``step()``."""
+    def observe(self, loss=None, val_loss=None, grad_norm=None) -> None:
+        """Feed the controller from a callback; it acts on the next ``step()``.
+
+        ``grad_norm`` is the global gradient norm before clipping, for a loop
+        that measures it itself; it replaces the recorded one for the next
+        ``step()`` only."""
         _check_signal("loss", loss)
         _check_signal("val_loss", val_loss)
+        _check_signal("grad_norm", grad_norm)
         self.controller.observe(loss=loss, val_loss=val_loss)
+        if grad_norm is not None:
+            self._fed_grad_norm = self.controller._signal("grad_norm", grad_norm)
 
     def _control(self, work, closure_loss, *, loss=None, val_loss=None, max_steps=None):
         device = next((p.device for g in self.param_groups for p in g["params"]), self.controller.device)
@@ -734,8 +803,7 @@ class RefAdamWMiniSF(AdamWMiniSF):
             loss = closure_loss if not isinstance(closure_loss, torch.Tensor) else closure_loss.detach().reshape(())
         self.controller.observe(loss=loss, val_loss=val_loss)
         norms = self._grad_norms(work)
-        flat = [n.to(self.controller.device, torch.float32) for group_norms in norms for n in group_norms]
-        global_norm = torch.linalg.vector_norm(torch.stack(flat)) if flat else torch.zeros(())
+        global_norm = self._raw_grad_norm(work, [n for group_norms in norms for n in group_norms])
         decision = self.controller.decide(global_norm, max_steps)
         return norms, kernels.Control(decision.lam, decision.pull, decision.skip)
 
@@ -784,6 +852,11 @@ class RefAdamWMiniSF(AdamWMiniSF):
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "controller": self.controller}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "_grad_hooks" not in self.__dict__:  # unpickled or deep-copied: watch the new parameters
+            self._watch_gradients()
 
     def _check_origin(self, state_dict: Mapping[str, Any]) -> None:
         missing = {"ref_config", "ref_controller"} - set(state_dict)
