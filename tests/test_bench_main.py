@@ -2,6 +2,9 @@
 
 import io
 import json
+import math
+
+import torch
 
 import pytest
 
@@ -45,6 +48,8 @@ def test_quick_main_job_writes_results_curves_readme_and_benchmarks(small_timing
     assert {r["optimizer"] for r in data["lr_sensitivity"]} == {"refadamw", "adamw_cosine", "schedulefree"}
     assert all(len(r["losses"]) == 3 for r in data["lr_sensitivity"])
     assert {r["optimizer"] for r in data["spike"]} == {"refadamw", "adamw_cosine", "schedulefree"}
+    assert [(r["optimizer"], r["clip"]) for r in data["spike"]] == list(main.SPIKED)
+    assert all(len(r["clean"]) == len(r["spiked"]) == 1 for r in data["spike"])
     assert any(r["spike"] for r in data["runs"])
     pytest.importorskip("matplotlib")
     assert (tmp_path / "curves_friedman.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -54,6 +59,7 @@ def test_quick_main_job_writes_results_curves_readme_and_benchmarks(small_timing
     assert "lr sensitivity" in benchmarks.read_text()
     out = capsys.readouterr().out
     assert "Final validation loss" in out and "Spike recovery" in out
+    assert "| friedman | adamw_cosine | z-score (ZClip) |" in out and "| friedman | refadamw | norm 1.0 |" in out
     # --render rebuilds the same report from results.json without running anything.
     again = tmp_path / "again.md"
     assert cli.main(["bench", "--render", str(tmp_path / "results.json"), "--benchmarks", str(again)]) == 0
@@ -139,3 +145,47 @@ def test_workload_without_its_data_is_skipped_with_the_install_hint(monkeypatch,
     assert cli.main(["bench", "--quick", "--workloads", "fashion_mnist", "--optimizers", "adamw_cosine",
                      "--out", str(tmp_path)]) == 1
     assert "apt-get" in capsys.readouterr().err
+
+
+def test_zscore_clip_follows_the_zclip_rule():
+    """Warm-up norms set μ, σ²; an outlier with z > 2.5 is cut to μ + 2.5·σ/(z/2.5); the EMA takes the applied norm."""
+    from refadamw.bench.clipping import ZScoreClip
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    clip = ZScoreClip(warmup=4)
+    for norm in (1.0, 2.0, 1.0, 2.0):  # μ = 1.5, σ = 0.5
+        model.weight.grad = torch.tensor([[norm]])
+        clip(model)
+    assert (clip.mean, clip.var) == (1.5, 0.25)
+    model.weight.grad = torch.tensor([[1.9]])  # z = 0.8: untouched
+    clip(model)
+    assert model.weight.grad.item() == pytest.approx(1.9)
+    mean, std = clip.mean, math.sqrt(clip.var)
+    model.weight.grad = torch.tensor([[1000.0]])
+    assert clip(model) == pytest.approx(1000.0)
+    z = (1000.0 - mean) / (std + 1e-6)
+    applied = mean + 2.5 * std / (z / 2.5)
+    assert model.weight.grad.item() == pytest.approx(applied, rel=1e-5) and clip.clipped == 1
+    assert clip.mean == pytest.approx(0.97 * mean + 0.03 * applied)
+
+
+def test_runner_clips_after_the_spike_and_before_step():
+    from refadamw.bench import runner
+    from refadamw.bench.workloads import base
+
+    seen = []
+
+    class Probe(torch.optim.SGD):
+        def step(self, closure=None):
+            seen.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.param_groups[0]["params"]])).item())
+            return super().step(closure)
+
+    def task():
+        x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+        return base.Task(name="t", model=base.seeded_model(0, lambda: torch.nn.Linear(4, 1)), steps=6, eval_every=0,
+                         train_batch=lambda step: (x, x.sum(1, keepdim=True)),
+                         loss=lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]),
+                         val_loss=lambda m: 0.0)
+
+    runner.train(task(), lambda m: Probe(m.parameters(), lr=0.0), spike=(2, 1, 1000.0), clip=1.0)
+    assert max(seen) <= 1.0 + 1e-5 and len(seen) == 6

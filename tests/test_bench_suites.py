@@ -45,14 +45,16 @@ def test_precision_suite_reports_bytes_quality_time_and_memory(tiny, tmp_path):
     assert [r["optimizer"] for r in data["peak_memory"]] == ["adamw_fused", "adamw"]
 
 
-def test_ladder_suite_compares_repair_ladders(tiny, monkeypatch, tmp_path):
-    monkeypatch.setattr(suites, "LADDERS", ((0.0, 0.3, 0.5, 1.0), (0.0, 0.0, 0.0, 0.0)))
+def test_ladder_suite_compares_repair_policies(tiny, monkeypatch, tmp_path):
+    monkeypatch.setattr(suites, "LADDERS", {"seed-era": {"ladder": (0.0, 0.3, 0.5, 1.0), "pull_after": 1,
+                                                          "skip_level": 3}, "default": {}})
     monkeypatch.setattr(suites, "LADDER_SPIKES", (None, 1000.0))
     assert cli.main(["bench", "--suite", "ladder", "--quick", "--seeds", "1", "--workloads", "friedman",
                      "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "ladder.json").read_text())["ladder"]
-    assert [r["ladder"] for r in rows] == [[0.0, 0.3, 0.5, 1.0], [0.0, 0.0, 0.0, 0.0]]
-    assert all(len(r["clean"]) == len(r["x1000"]) == 1 for r in rows)
+    assert [r["policy"] for r in rows] == ["seed-era", "default"]
+    assert all(len(r["clean"]) == len(r["x1000"]) == len(r["flagged_fraction"]) == 1 for r in rows)
+    assert "×1000 ÷ clean" in (tmp_path / "ladder.md").read_text()
 
 
 def test_peak_memory_probe_sees_the_optimizer_state():

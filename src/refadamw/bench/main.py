@@ -27,6 +27,7 @@ import torch
 
 from .. import AdamWMiniSF
 from . import runner
+from .clipping import make_clip
 from .measure import copy_bandwidth_gbs, linear_stack, state_bytes_per_param, step_times
 from .optimizers import NAMES, MissingPeer, build
 from .progress import Progress
@@ -45,7 +46,11 @@ GRIDS: dict[str, tuple[float, ...]] = {
 }
 """Learning-rate grids, spaced ×3; ``--quick`` runs only the middle value (ours: its default)."""
 SENSITIVITY = (OURS, "adamw_cosine", "schedulefree")
-SPIKED = (OURS, "adamw_cosine", "schedulefree")
+SPIKED: tuple[tuple[str, str | None], ...] = (
+    (OURS, None), (OURS, "norm1"), ("adamw_cosine", None), ("adamw_cosine", "norm1"), ("adamw_cosine", "zclip"),
+    ("schedulefree", None), ("schedulefree", "norm1"))
+"""The spike table's rows, ``(optimizer, clip)`` (:data:`refadamw.bench.clipping.CLIPS`): every trainer clips
+to norm 1 by default, so each peer runs clipped as well; ZClip-style z-score clipping runs with AdamW+cosine."""
 SPIKE_FACTOR, SPIKE_STEPS = 1000.0, 3
 STEP_LAYERS, STEP_WIDTH = 10, 1024
 """The step-time model: 10 × Linear(1024, 1024), 10.5M parameters."""
@@ -67,6 +72,7 @@ class Run:
     curve: list
     metrics: dict
     spike: bool = False
+    clip: str | None = None
 
 
 def _mean(values):
@@ -97,20 +103,21 @@ class MainBench:
         grid = GRIDS[name]
         return (grid[len(grid) // 2],) if self.quick else grid
 
-    def run(self, workload: str, name: str, lr: float, seed: int, spike: bool = False) -> Run:
-        key = (workload, name, lr, seed, spike)
+    def run(self, workload: str, name: str, lr: float, seed: int, spike: bool = False, clip: str | None = None) -> Run:
+        key = (workload, name, lr, seed, spike, clip)
         if key in self.runs:
             return self.runs[key]
         task = runner.make_task(workload, seed, self.quick)
         make, schedule = build(name, lr, task.steps, info=task.info)
         built = []
-        self.progress.start(f"{workload} {name} lr={lr:g} seed={seed}{' spiked' if spike else ''}", task.steps)
+        label = f"{workload} {name} lr={lr:g} seed={seed}{' spiked' if spike else ''}{f' clip={clip}' if clip else ''}"
+        self.progress.start(label, task.steps)
         result = runner.train(task, lambda model: built.append(make(model)) or built[-1], schedule=schedule,
                               spike=(task.steps // 2, SPIKE_STEPS, SPIKE_FACTOR) if spike else None,
-                              on_step=self.progress.update)
+                              on_step=self.progress.update, clip=make_clip(clip))
         self.progress.finish(f"val loss {result.final_val_loss:.5g} ({result.seconds:.1f} s)")
         run = Run(workload, name, lr, seed, result.final_val_loss, state_bytes_per_param(built[0]),
-                  [list(p) for p in result.curve], result.metrics, spike)
+                  [list(p) for p in result.curve], result.metrics, spike, clip)
         self.runs[key] = run
         return run
 
@@ -134,8 +141,8 @@ class MainBench:
             self.best_lr[workload][name] = default_lr() if name == OURS else best
         return self.best_lr[workload][name]
 
-    def losses(self, workload: str, name: str, lr: float, spike: bool = False) -> list[float]:
-        return [self.run(workload, name, lr, s, spike).final_val_loss for s in self.seeds]
+    def losses(self, workload: str, name: str, lr: float, spike: bool = False, clip: str | None = None) -> list[float]:
+        return [self.run(workload, name, lr, s, spike, clip).final_val_loss for s in self.seeds]
 
 
 def step_benchmark(optimizers: tuple[str, ...], skipped: dict[str, str]) -> dict:
@@ -210,7 +217,8 @@ def run(quick: bool, seeds: tuple[int, ...], workloads: tuple[str, ...], optimiz
     names = tuple(n for n in optimizers if bench.available(n))
     n_grid = sum(len(bench.grid(n)) for n in names)
     bench.progress.total_runs = len(workloads) * (n_grid + (len(seeds) - 1) * len(names)
-                                                  + 2 * len(SENSITIVITY) + len(SPIKED) * len(seeds))
+                                                  + 2 * len(SENSITIVITY)
+                                                  + sum(2 if clip else 1 for _, clip in SPIKED) * len(seeds))
     summary, sensitivity, spikes, curves = [], [], [], {}
     for workload in workloads:
         curves[workload] = {}
@@ -227,12 +235,12 @@ def run(quick: bool, seeds: tuple[int, ...], workloads: tuple[str, ...], optimiz
                        "losses": {str(f): bench.run(workload, name, best * f, seeds[0]).final_val_loss
                                   for f in (1 / 3, 1, 3)}}
                 sensitivity.append(row)
-        for name in SPIKED:
-            if name in names:
+        for name, clip in SPIKED:
+            if name in names:  # at the lr tuned without clipping, as a user adding a trainer's default would
                 lr = bench.best_lr[workload][name]
-                clean, spiked = bench.losses(workload, name, lr), bench.losses(workload, name, lr, spike=True)
-                spikes.append({"workload": workload, "optimizer": name, "lr": lr, "clean": clean, "spiked": spiked,
-                               "ratio": _mean(spiked) / _mean(clean)})
+                clean, spiked = bench.losses(workload, name, lr, clip=clip), bench.losses(workload, name, lr, True, clip)
+                spikes.append({"workload": workload, "optimizer": name, "clip": clip, "lr": lr, "clean": clean,
+                               "spiked": spiked, "ratio": _mean(spiked) / _mean(clean)})
     log(f"step(): timing {STEP_LAYERS} x Linear({STEP_WIDTH}, {STEP_WIDTH})")
     step_time = step_benchmark(names, bench.skipped)
     baseline = {r["workload"]: r["mean"] for r in summary if r["optimizer"] == BASELINE}
@@ -242,7 +250,7 @@ def run(quick: bool, seeds: tuple[int, ...], workloads: tuple[str, ...], optimiz
     runs = [{"workload": r.workload, "optimizer": r.optimizer, "lr": r.lr, "seed": r.seed,
              "final_val_loss": r.final_val_loss, "state_bytes_per_param": r.state_bytes_per_param,
              "step_time_ratio_vs_adamw_fused": per[r.optimizer]["ratio_vs_adamw_fused"],
-             "spike": r.spike, "metrics": r.metrics, "curve": r.curve} for r in bench.runs.values()]
+             "spike": r.spike, "clip": r.clip, "metrics": r.metrics, "curve": r.curve} for r in bench.runs.values()]
     return {"suite": "main", "quick": quick, "seeds": list(seeds), "workloads": list(workloads),
             "optimizers": list(names), "skipped": bench.skipped, "skipped_workloads": missing, "grids": {n: list(bench.grid(n)) for n in names},
             "defaults": {"lr": default_lr()}, "runs": runs, "summary": summary, "lr_sensitivity": sensitivity,

@@ -41,19 +41,21 @@ def build(name: str, lr: float | None, steps: int, info: dict | None = None,
     """``(make_optimizer, schedule)`` for optimizer ``name`` at peak lr ``lr`` (None: its default).
 
     ``options`` go to our optimizers' constructors (e.g. ``state_dtype``,
-    ``ref_alpha``, ``repair``); ``ladder`` sets the controller's repair ladder.
+    ``ref_alpha``, ``repair``); ``controller`` (a dict) passes keyword
+    tunables to the Ref controller (``ladder``, ``pull_after``,
+    ``skip_level``...), for the repair-policy sweep.
     ``info`` is the task's ``info`` (Adam-mini needs the model's ``dim`` and
     ``n_heads``).
     """
     lr_kw = {} if lr is None else {"lr": lr}
     if name == "refadamw":
-        ladder = options.pop("ladder", None)
+        tunables = options.pop("controller", None)
 
         def make(model):
             opt = RefAdamWMiniSF(model.parameters(), total_steps=steps, **lr_kw, **options)
-            if ladder is not None:  # a repair ladder other than the default, for the ladder sweep
+            if tunables:  # a repair policy other than the default, for the ladder sweep
                 c = opt.controller
-                opt.controller = RefController(c.ref_alpha, c.ref_window, steps, c.repair, c.device, ladder=ladder)
+                opt.controller = RefController(c.ref_alpha, c.ref_window, steps, c.repair, c.device, **tunables)
             return opt
 
         return make, None

@@ -78,6 +78,7 @@ def train(
     spike: tuple[int, int, float] | None = None,
     on_step: Callable[[int, float], None] | None = None,
     feed_loss: bool = False,
+    clip: float | Callable[[torch.nn.Module], object] | None = None,
 ) -> RunResult:
     """Train ``task.model`` in place for ``steps`` (default ``task.steps``) and evaluate along the way.
 
@@ -86,8 +87,12 @@ def train(
     steps)`` may return an lr scheduler, stepped once per step, or None.
     ``eval_every`` defaults to ``task.eval_every``; 0 evaluates at the end only.
     ``spike=(start, n, factor)`` multiplies every gradient by ``factor`` on
-    steps ``start .. start+n-1`` (0-based), after backward and before
-    ``step()``, to test recovery from a gradient spike. ``on_step(step,
+    steps ``start .. start+n-1`` (0-based), to test recovery from a gradient
+    spike: the loss is scaled before backward, as a bad batch would do it,
+    so hooks that watch backward see it too. ``clip`` is applied after
+    backward and before ``step()``, as trainers do: a float clips the global
+    norm to it (``clip_grad_norm_``), a callable is called with the model
+    (e.g. :class:`~refadamw.bench.clipping.ZScoreClip`). ``on_step(step,
     loss)`` is called after every step with the 1-based step count and the
     raw training loss (for progress bars).
     """
@@ -127,11 +132,12 @@ def train(
             train_curve.append((step, value))
             break
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if spike is not None and spike[0] <= step < spike[0] + spike[1]:
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(spike[2])
+        spiked = spike is not None and spike[0] <= step < spike[0] + spike[1]
+        (loss * spike[2] if spiked else loss).backward()
+        if callable(clip):
+            clip(model)
+        elif clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         tick = time.perf_counter()
         if feed_loss:
             optimizer.step(loss=loss.detach())

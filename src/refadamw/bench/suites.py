@@ -5,7 +5,7 @@
   stochastic rounding, and peak process memory of ``step()`` against AdamW.
 * ``controller`` (SPEC.md §3.5–6): recovery from a ×1000 gradient spike,
   false alarms on clean runs, and the λ × window sweep.
-* ``ladder``: the repair strength ρ per divergence level, against spikes.
+* ``ladder``: repair policies (skip level, pull ladder ρ, pull delay) against spikes.
 * ``lora`` (:mod:`refadamw.bench.lora`): second-moment blocks against
   per-element ``v`` for LoRA factors.
 
@@ -221,32 +221,45 @@ def controller(bench: Bench, workloads: tuple[str, ...]) -> tuple[dict, str]:
     return out, "\n".join(report)
 
 
-LADDERS = ((0.0, 0.6, 0.8, 1.0), (0.0, 0.3, 0.5, 1.0), (0.0, 0.0, 0.0, 0.0), (0.0, 1.0, 1.0, 1.0))
+LADDERS: dict[str, dict] = {
+    "seed-era: pull at once, skip at level 3": {"ladder": (0.0, 0.3, 0.5, 1.0), "pull_after": 1, "skip_level": 3},
+    "default: skip from level 2, pull after 4": {},
+    "skip from level 2, never pull": {"ladder": (0.0, 0.0, 0.0, 0.0)},
+    "skip from level 1, pull after 4": {"skip_level": 1},
+}
+"""Repair policies: the controller's tunables (``ladder`` ρ per level, ``pull_after``, ``skip_level``)."""
 LADDER_SPIKES = (None, 10.0, SPIKE_FACTOR)
 
 
 def ladder(bench: Bench, workloads: tuple[str, ...]) -> tuple[dict, str]:
-    """The repair ladder ρ per level against spikes of ×10 (mostly levels 1–2) and ×1000 (level 3)."""
+    """Repair policies against spikes of ×10 (mostly levels 1–2) and ×1000 (level 3), and on clean runs."""
     out: dict = {"ladder": []}
     for workload in workloads:
         lr = bench.lr_for(workload, "refadamw")
-        for rungs in LADDERS:
-            row = {"workload": workload, "lr": lr, "ladder": list(rungs)}
+        for policy, tunables in LADDERS.items():
+            row = {"workload": workload, "lr": lr, "policy": policy, "tunables": tunables}
             for factor in LADDER_SPIKES:
-                losses = []
+                losses, flagged = [], []
                 for seed in bench.seeds:
                     spike = (bench.steps(workload) // 2, SPIKE_STEPS, factor) if factor else None
-                    losses.append(bench.run(workload, "refadamw", lr, seed, spike=spike, ladder=rungs)[0]
-                                  .final_val_loss)
-                row["clean" if factor is None else f"x{factor:g}"] = losses
+                    result, opt, steps = bench.run(workload, "refadamw", lr, seed, spike=spike, controller=tunables)
+                    losses.append(result.final_val_loss)
+                    flagged.append(opt.stats()["flagged_steps"].item() / steps)
+                key = "clean" if factor is None else f"x{factor:g}"
+                row[key] = losses
+                if factor is None:
+                    row["flagged_fraction"] = flagged
             out["ladder"].append(row)
-            bench.log(f"  {workload} ladder {rungs}: " + ", ".join(
-                f"{k} {_mean(v):.5g}" for k, v in row.items() if isinstance(v, list) and k != "ladder"))
+            bench.log(f"  {workload} {policy}: " + ", ".join(
+                f"{k} {_mean(row[k]):.5g}" for k in ["clean"] + [f"x{f:g}" for f in LADDER_SPIKES if f]))
     n = len(bench.seeds)
-    header = ["workload", "ladder ρ (levels 0–3)", "clean"] + [f"×{f:g} spike" for f in LADDER_SPIKES if f]
-    rows = [[r["workload"], "/".join(f"{x:g}" for x in r["ladder"]), _mean(r["clean"])]
-            + [_mean(r[f"x{f:g}"]) for f in LADDER_SPIKES if f] for r in out["ladder"]]
-    report = ["### Repair ladder", "",
+    spikes = [f for f in LADDER_SPIKES if f]
+    header = (["workload", "policy", "clean", "clean steps flagged"] + [f"×{f:g} spike" for f in spikes]
+              + [f"×{f:g} ÷ clean" for f in spikes])
+    rows = [[r["workload"], r["policy"], _mean(r["clean"]), f"{100 * statistics.mean(r['flagged_fraction']):.2f}%"]
+            + [_mean(r[f"x{f:g}"]) for f in spikes] + [_mean(r[f"x{f:g}"]) / _mean(r["clean"]) for f in spikes]
+            for r in out["ladder"]]
+    report = ["### Repair policy", "",
               f"Final validation loss, mean of {n} seed(s), RefAdamWMiniSF at its best lr; spikes multiply the "
               f"gradients for {SPIKE_STEPS} steps at 50% of training:", "", _table(header, rows)]
     return out, "\n".join(report)
