@@ -368,3 +368,33 @@ def test_hf_trainer_with_its_default_clipping_flags_and_skips_a_spike(tmp_path):
     SpikedTrainer(model=model, args=args, train_dataset=Tokens(), optimizers=(opt, None)).train()
     stats = opt.stats()
     assert (stats["flagged_steps"].item(), stats["skips"].item()) == (3, 3)
+
+
+def _ddp_spike_body(rank, world, out):
+    """A bad batch on rank 0 only, clipped after DDP's all-reduce: every rank must skip the same steps."""
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(
+        torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)))
+    opt = RefAdamWMiniSF(model.parameters(), lr=1e-2, total_steps=60)
+    gen = torch.Generator().manual_seed(10 + rank)  # each rank its own data
+    x = torch.randn(256, 8, generator=gen)
+    target = x.sum(1, keepdim=True).sin()
+    skips = []
+    for step in range(60):
+        idx = torch.randint(256, (32,), generator=gen)
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x[idx]), target[idx])
+        (loss * (1000.0 if rank == 0 and 40 <= step < 43 else 1.0)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        skips.append(int(opt.stats()["skips"]))
+    return {"skips": skips, "weights": [p.detach().clone() for p in model.parameters()]}
+
+
+def test_ddp_ranks_skip_the_same_clipped_spike(tmp_path):
+    from .test_distributed import launch
+
+    ranks = launch(_ddp_spike_body, tmp_path)
+    assert ranks[0]["skips"] == ranks[1]["skips"] and ranks[0]["skips"][-1] == 3
+    for a, b in zip(ranks[0]["weights"], ranks[1]["weights"]):
+        assert torch.equal(a, b)

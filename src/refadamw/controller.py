@@ -5,12 +5,13 @@ A small state machine over 0-d tensors, read as signal → level → action.
 the update. Nothing here syncs with the host: every decision is tensor
 arithmetic, so the optimizer can call it inside a CUDA step.
 
-Signals and levels (step ``t`` counts ``decide()`` calls from 1):
+Signals and levels (step ``t`` counts the ``decide()`` calls that did not
+skip, from 1):
 
 | signal | statistic | level 1 / 2 / 3 when |
 |---|---|---|
 | ``loss`` ℓ (when fed) | ``r = 1 + (ℓ−ē)/|ē|`` (ℓ/ē if ē > 0) | ``r >`` 1.2 / 1.5 / 2.0, ``ℓ−ē > k·σ`` |
-| ``grad_norm`` n (always) | ``z = (log n − ē)/max(σ, σ_min)`` | ``z >`` 4 / 6 / 9 |
+| ``grad_norm`` n (always; unclipped, see :meth:`RefController.unclipped_norm`) | ``z = (log n − ē)/max(σ, σ_min)`` | ``z >`` 4 / 6 / 9 |
 
 The step's level is the larger of the two, so trainers that never pass a loss
 still get repair, and a gradient spike is caught even when the loss it came
@@ -26,10 +27,18 @@ Actions of one ``decide()``:
 
 | state | ``lam`` | ``pull`` ρ | ``skip`` |
 |---|---|---|---|
-| level 0, ``t`` in window, not suspended | ``ref_alpha`` | ``ladder[0]`` (0) | no |
-| level ℓ > 0 (diverging) | 0 | ``ladder[ℓ]`` (0.3 / 0.5 / 1.0) | ``ℓ == 3`` |
+| level 0, ``t`` in window, not suspended | ``ref_alpha`` | 0 | no |
+| level 1 | 0 | 0 | no |
+| level 2 or 3 (``≥ skip_level``) | 0 | 0 | yes |
+| level ℓ > 0 for ``pull_after`` (4) flagged steps in a row | 0 | ``ladder[ℓ]`` (0.3 / 0.5 / 1.0) | as above |
 | ``repair=False`` | as above | 0 | no |
 | outside window, ``T`` unknown, or suspended | 0 | as above | as above |
+
+A skipped step leaves every optimizer buffer and ``t`` as they were, so a
+run whose spike was skipped is bit-identical to one that never saw those
+batches. The pull is kept for divergence that lasts: on a passing spike the
+seed-era pull (ρ = 1 at level 3, z ← x) threw away the iterate's progress
+and cost up to 18% of final loss on a small MLP.
 
 Window (the seed's test, in float64): ``w0 ≤ t/T ≤ w1``, ``T`` = the latest
 ``max_steps`` or else ``total_steps``; it is turned into integer bounds on the
@@ -62,7 +71,9 @@ Defaults (keyword tunables; measured on synthetic clean runs, 2000 steps):
 
 | tunable | default | why |
 |---|---|---|
-| ``ladder`` | (0, 0.3, 0.5, 1.0) | ``refadamw bench --suite ladder``: the seed's (0.6, 0.8, 1.0) pulled on clean runs' rare false alarms and lost there; no pull lost 47% on friedman ×10 spikes |
+| ``ladder`` | (0, 0.3, 0.5, 1.0) | ρ per level once divergence lasts; the seed's (0.6, 0.8, 1.0) pulled on clean runs' rare false alarms and lost there |
+| ``skip_level`` | 2 | a ×10 spike (levels 1–2) applied with a pull cost up to 2.4× on friedman (docs/controller.md); skipping it costs one batch |
+| ``pull_after`` | 4 | longer than a burst of bad batches (the bench's is 3), shorter than ``reanchor_after`` |
 | ``loss_ratios`` | (1.2, 1.5, 2.0) | the seed's thresholds |
 | ``noise_k`` | 4 | losses are right-skewed: lognormal σ=0.3 noise flags 2% at k=3, 0.5% at 4 |
 | ``gnorm_z`` | (4, 6, 9) | t(5) noise in log n flags 1% at (3, 5, 8), 0.2% here; ×1000 is +6.9 |

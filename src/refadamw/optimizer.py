@@ -661,16 +661,19 @@ class RefAdamWMiniSF(AdamWMiniSF):
     * **injection**: inside ``ref_window`` of ``total_steps`` the weight
       average takes a share ``ref_alpha`` of the iterate, ``x ← (1−λ)·x + λ·z``;
     * **repair**: while the loss (or gradient norm) diverges there is no
-      injection, the fast iterate is pulled back toward the average,
-      ``z ← z + ρ·(x − z)`` with ρ growing with the level, and at level 3 the
-      step is skipped so the spiking gradient never reaches ``v`` or ``z``;
+      injection; from level 2 the step is skipped, so the spiking gradient
+      never reaches ``v`` or ``z``; divergence that lasts 4 flagged steps
+      also pulls the fast iterate back toward the average,
+      ``z ← z + ρ·(x − z)``, with ρ growing with the level;
     * **overfit**: four rising ``val_loss`` values suspend injection until
       the validation loss improves again.
 
     Every decision is tensor arithmetic (no host sync), and the controller's
     state is part of ``state_dict()``. Feed it with ``step(loss=...)``,
     :meth:`observe`, or a closure; trainers that call plain ``step()`` still
-    get repair from the gradient-norm signal.
+    get repair from the gradient-norm signal. That norm is recorded when
+    backward accumulates each gradient, before a trainer clips it or an
+    fp16 scaler unscales it, so clipping does not hide a spike.
 
     Extra args:
         ref_alpha: injection share λ of the iterate into the average.
