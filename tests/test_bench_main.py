@@ -148,7 +148,8 @@ def test_workload_without_its_data_is_skipped_with_the_install_hint(monkeypatch,
 
 
 def test_zscore_clip_follows_the_zclip_rule():
-    """Warm-up norms set μ, σ²; an outlier with z > 2.5 is cut to μ + 2.5·σ/(z/2.5); the EMA takes the applied norm."""
+    """Warm-up norms set μ, σ²; an outlier with z > 2.5 is cut to μ + 2.5·σ/(z/2.5); the EMA takes the
+    applied norm."""
     from refadamw.bench.clipping import ZScoreClip
 
     model = torch.nn.Linear(1, 1, bias=False)
@@ -177,7 +178,8 @@ def test_runner_clips_after_the_spike_and_before_step():
 
     class Probe(torch.optim.SGD):
         def step(self, closure=None):
-            seen.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.param_groups[0]["params"]])).item())
+            grads = [p.grad for p in self.param_groups[0]["params"]]
+            seen.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
             return super().step(closure)
 
     def task():

@@ -753,11 +753,11 @@ class RefAdamWMiniSF(AdamWMiniSF):
         backward (all-reduced under data parallelism), else the one ``step()`` sees."""
         device = self.controller.device
         fed, self._fed_grad_norm = self._fed_grad_norm, None
+        recorded = [self._raw_norms.get(p) for _, params, *_ in work for p in params]
+        self._raw_norms.clear()
         if fed is not None:
             return fed.to(device, torch.float32)
         seen = [n.to(device, torch.float32) for n in seen]
-        recorded = [self._raw_norms.get(p) for _, params, *_ in work for p in params]
-        self._raw_norms.clear()
         if not any(r is not None for r in recorded):
             return torch.linalg.vector_norm(torch.stack(seen)) if seen else torch.zeros((), device=device)
         raw = torch.stack([torch.zeros((), device=device) if r is None else r.to(device, torch.float32)

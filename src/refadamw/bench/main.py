@@ -238,7 +238,8 @@ def run(quick: bool, seeds: tuple[int, ...], workloads: tuple[str, ...], optimiz
         for name, clip in SPIKED:
             if name in names:  # at the lr tuned without clipping, as a user adding a trainer's default would
                 lr = bench.best_lr[workload][name]
-                clean, spiked = bench.losses(workload, name, lr, clip=clip), bench.losses(workload, name, lr, True, clip)
+                clean = bench.losses(workload, name, lr, clip=clip)
+                spiked = bench.losses(workload, name, lr, True, clip)
                 spikes.append({"workload": workload, "optimizer": name, "clip": clip, "lr": lr, "clean": clean,
                                "spiked": spiked, "ratio": _mean(spiked) / _mean(clean)})
     log(f"step(): timing {STEP_LAYERS} x Linear({STEP_WIDTH}, {STEP_WIDTH})")
