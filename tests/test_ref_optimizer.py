@@ -125,13 +125,18 @@ def test_non_finite_gradient_is_never_repaired_into_the_weights():
     assert torch.equal(weight, before[0]) and torch.equal(opt.state[weight]["z_minus_y"], before[1])
 
 
-def _train_with_spike(opt_cls, feed_loss, spike_at=60, steps=90, **kwargs):
+def _regression(opt_cls, **kwargs):
+    """A small MLP regression (model, optimizer, batch generator, inputs, targets), the same every call."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
     opt = opt_cls(model.parameters(), lr=1e-2, **kwargs)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(512, 8, generator=gen)
-    target = x.sum(1, keepdim=True).sin()
+    return model, opt, gen, x, x.sum(1, keepdim=True).sin()
+
+
+def _train_with_spike(opt_cls, feed_loss, spike_at=60, steps=90, **kwargs):
+    model, opt, gen, x, target = _regression(opt_cls, **kwargs)
     for step in range(steps):
         idx = torch.randint(512, (32,), generator=gen)
         loss = torch.nn.functional.mse_loss(model(x[idx]), target[idx])
@@ -252,12 +257,7 @@ def _trainer_loop(opt_cls=RefAdamWMiniSF, *, steps=90, spike_at=(60, 61, 62), cl
     """A trainer's loop: the spike comes from the batch (the loss ×1000), the gradients are accumulated
     over ``accumulate`` micro-batches, optionally loss-scaled (an fp16 scaler: unscaled before
     clipping), and clipped to norm ``clip`` before step(). Steps in ``drop`` are left out entirely."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
-    opt = opt_cls(model.parameters(), lr=1e-2, **kwargs)
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(512, 8, generator=gen)
-    target = x.sum(1, keepdim=True).sin()
+    model, opt, gen, x, target = _regression(opt_cls, **kwargs)
     for step in range(steps):
         batches = [torch.randint(512, (32,), generator=gen) for _ in range(accumulate)]
         if step in drop:
