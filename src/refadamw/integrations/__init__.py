@@ -59,3 +59,11 @@ def as_signal(value: Any) -> float | torch.Tensor | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     return None
+
+
+def check_callback_args(metric_name: str, metric: Any, bn_batches: Any) -> None:
+    """The arguments both callbacks share: the loss metric's key and the BatchNorm batch count."""
+    if not isinstance(metric, str) or not metric:
+        raise TypeError(f"{metric_name} must be a non-empty string, got {metric!r}")
+    if isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches < 0:
+        raise ValueError(f"bn_batches must be an int >= 0, got {bn_batches!r}")

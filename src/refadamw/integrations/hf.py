@@ -48,7 +48,7 @@ from transformers import Trainer, TrainerCallback
 from ..batchnorm import batchnorm_layers, recompute_bn_stats
 from ..groups import DEFAULT_NO_DECAY, param_groups
 from ..optimizer import AdamWMiniSF, RefAdamWMiniSF
-from . import as_signal, feed_max_steps, ours
+from . import as_signal, check_callback_args, feed_max_steps, ours
 
 logger = logging.getLogger("refadamw")
 
@@ -70,10 +70,7 @@ class RefAdamWCallback(TrainerCallback):
     """
 
     def __init__(self, eval_loss_key: str = "eval_loss", bn_batches: int = 128) -> None:
-        if not isinstance(eval_loss_key, str) or not eval_loss_key:
-            raise TypeError(f"eval_loss_key must be a non-empty string, got {eval_loss_key!r}")
-        if isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches < 0:
-            raise ValueError(f"bn_batches must be an int >= 0, got {bn_batches!r}")
+        check_callback_args("eval_loss_key", eval_loss_key, bn_batches)
         self.eval_loss_key = eval_loss_key
         self.bn_batches = bn_batches
         self._optimizers: list[AdamWMiniSF] = []

@@ -51,7 +51,7 @@ except ImportError:  # the standalone package
 from ..batchnorm import batchnorm_layers, recompute_bn_stats
 from ..checkpoint import averaged
 from ..optimizer import AdamWMiniSF, RefAdamWMiniSF
-from . import as_signal, feed_max_steps, ours
+from . import as_signal, check_callback_args, feed_max_steps, ours
 
 __all__ = ["RefAdamWCallback", "mean_loss_closure"]
 
@@ -100,10 +100,7 @@ class RefAdamWCallback(Callback):
 
     def __init__(self, val_loss_key: str = "val_loss", bn_batches: int = 128,
                  bn_forward: Callable[[Any, Any], Any] | None = None) -> None:
-        if not isinstance(val_loss_key, str) or not val_loss_key:
-            raise TypeError(f"val_loss_key must be a non-empty string, got {val_loss_key!r}")
-        if isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches < 0:
-            raise ValueError(f"bn_batches must be an int >= 0, got {bn_batches!r}")
+        check_callback_args("val_loss_key", val_loss_key, bn_batches)
         if bn_forward is not None and not callable(bn_forward):
             raise TypeError(f"bn_forward must be callable, got {bn_forward!r}")
         self.val_loss_key = val_loss_key
