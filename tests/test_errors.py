@@ -463,7 +463,8 @@ def _scalar(sd):
 
 
 def _integer(sd):
-    return _first(sd["state"][0], lambda v: not v.is_floating_point())
+    # not the step: a float step is how checkpoints from before int64 counters hold it, and loads
+    return _first(sd["state"][0], lambda v: v.dtype == torch.int32)
 
 
 def _walk(sd, path):

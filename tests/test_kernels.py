@@ -58,7 +58,7 @@ def test_foreach_matches_single_tensor(shape_list, options, dtype, state_dtype, 
             row[0] = row[0].reshape(shape_list[0])
         grads.append(row)
     # Tiny tensors take the mini path too, and the multi-tensor path is split into chunks.
-    with mock.patch.object(partition, "SMALL_NUMEL", 4), mock.patch.object(foreach, "CPU_CHUNK_NUMEL", chunk):
+    with mock.patch.object(partition, "SMALL_NUMEL", 4), mock.patch.object(foreach, "CHUNK_NUMEL", chunk):
         if dtype == torch.float64 and state_dtype == "fp32":
             state_dtype = "auto"  # full precision for fp64 parameters
         a, opt_a = _run(shape_list, dtype, options, True, grads, state_dtype)

@@ -86,3 +86,27 @@ def test_steady_state_steps_make_no_synchronizing_cuda_call(loss_as):
             opt.step(loss=signal, val_loss=signal)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+PATHS = {"per-tensor": dict(foreach=False), "multi-tensor": dict(fused=False), "fused": {}, "compiled": {}}
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_tensor_weight_decay_never_syncs_and_decays_like_its_float(path, monkeypatch):
+    if path == "compiled":
+        from refadamw.kernels import native
+
+        monkeypatch.setattr(native, "available", lambda: False)
+    runs = []
+    for weight_decay in (torch.tensor(0.1), 0.1):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3))
+        opt = AdamWMiniSF(model.parameters(), lr=1e-2, weight_decay=weight_decay, warmup_steps=1, **PATHS[path])
+        for step in range(4):
+            opt.zero_grad()
+            model(torch.randn(16, 8)).pow(2).mean().backward()
+            with host_syncs_forbidden() if step >= 2 else contextlib.nullcontext():  # step 1 compiles
+                opt.step()
+        runs.append(model)
+    for p, q in zip(*(m.parameters() for m in runs)):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

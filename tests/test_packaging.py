@@ -39,3 +39,16 @@ def test_torch_floor_is_the_tested_version():
 def test_installed_torch_meets_the_floor():
     installed = tuple(int(x) for x in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
     assert installed >= _declared_floor()
+
+
+def test_the_wheel_ships_the_cpu_kernel_source(tmp_path):
+    """The CPU kernel is compiled on the user's machine from ``kernels/native.c``: a wheel without it
+    would fall back to the slow path on every install."""
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("refadamw-*.whl")
+    assert "refadamw/kernels/native.c" in zipfile.ZipFile(wheel).namelist()

@@ -62,12 +62,13 @@ def averaging_weight(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return ``(c_t, lr_max_t, Σw)`` after one step at scheduled lr ``lr_t``.
 
-    ``c_t`` is 0 while every lr so far has been 0 (nothing to average yet).
+    ``c_t`` is 0 while every lr so far has been 0 (nothing to average yet). ``Σw`` may be kept in a
+    wider dtype than the lrs (fp64: it grows with every step); ``c_t`` comes back in the lrs' dtype.
     """
     lr_max = torch.maximum(lr_max, lr_t)
     weight = lr_max * lr_max
-    weight_sum = weight_sum + weight
-    c = torch.where(weight_sum > 0, weight / weight_sum, torch.zeros_like(weight))
+    weight_sum = weight_sum + weight.to(weight_sum.dtype)
+    c = torch.where(weight_sum > 0, weight / weight_sum, 0.0).to(weight.dtype)
     return c, lr_max, weight_sum
 
 

@@ -8,9 +8,11 @@ The math lives in :mod:`refadamw.kernels` (equations in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import numbers
+import operator
 import weakref
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Mapping
@@ -28,8 +30,6 @@ from .precision import (AUTO, Salt, compute_dtype, parse_state_dtype, resolve_st
 logger = logging.getLogger("refadamw")
 
 _STAT_KEYS = ("steps", "skipped_steps", "lr", "effective_lr")
-_SCALAR_STATE = ("step", "grad_norm_ema")
-_SF_SCALAR_STATE = ("lr_max", "weight_sum")
 
 
 def _check_number(name: str, value: Any, low: float, *, low_open: bool = False, high: float | None = None,
@@ -104,6 +104,36 @@ def _check_block_layouts(group: Mapping[str, Any]) -> None:
                          f"({len(group['params'])}), got {specs!r:.200}")
     for i, p in enumerate(group["params"]):
         AdamWMiniSF._block_layout(group, p, i)  # raises, naming the parameter, on a spec that does not fit it
+
+
+@dataclasses.dataclass
+class _GroupPlan:
+    """What one group's step needs besides the gradients, valid while :meth:`holds`."""
+
+    with_grad: list[int]  # indices in group["params"] of the parameters with gradients
+    params: list[torch.Tensor]
+    kinds: list[tuple[torch.dtype, torch.device]]
+    state_dicts: list[dict]
+    fresh: list[bool]  # states created for the coming step
+    sharded: bool
+    local_params: list[torch.Tensor]
+    states: list[dict]
+    layouts: list[BlockLayout]
+    offsets: list[int]
+    cache: dict | None  # the kernels' per-group cache (refadamw.kernels.update)
+
+    layout_key: tuple
+
+    def holds(self, group, with_grad: list[int], state) -> bool:
+        """Whether the same parameters have gradients, with the same dtypes, devices, state dicts and
+        block layout settings."""
+        return (with_grad == self.with_grad and all(map(operator.is_, map(state.get, self.params), self.state_dicts))
+                and [(p.dtype, p.device) for p in self.params] == self.kinds and _layout_key(group) == self.layout_key)
+
+
+def _layout_key(group: Mapping[str, Any]) -> tuple:
+    specs = group.get("block_layouts")
+    return group["mini"], group["block_rows"], None if specs is None else list(specs)
 
 
 class AdamWMiniSF(torch.optim.Optimizer):
@@ -208,6 +238,10 @@ class AdamWMiniSF(torch.optim.Optimizer):
         # create state for a parameter's first step.
         return {**super().__getstate__(), "seed": self.seed}
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._plans = {}  # loaded or copied state: every group's plan is rebuilt on the next step
+
     # ------------------------------------------------------------------ groups
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -270,11 +304,12 @@ class AdamWMiniSF(torch.optim.Optimizer):
         scalar = ((), compute_dtype(param.dtype))
         storage = resolve_state_dtype(group["state_dtype"], param.dtype)
         layout = self._block_layout(group, param, index)
-        expected = {key: scalar for key in _SCALAR_STATE}
-        expected["rounding_key"] = ((), torch.int32)
-        expected["exp_avg_sq"] = (layout.state_shape(param.shape), second_moment_dtype(storage))
+        # An int64 step keeps counting (and the rounding noise keeps changing) past 2^24 steps, where an
+        # fp32 counter stops; the weight sum grows with every step, so it accumulates in fp64.
+        expected = {"step": ((), torch.int64), "grad_norm_ema": scalar, "rounding_key": ((), torch.int32)}
+        expected["exp_avg_sq"] = (layout.state_shape(param.shape), second_moment_dtype(storage, layout))
         if group["schedule_free"]:
-            expected.update({key: scalar for key in _SF_SCALAR_STATE})
+            expected.update(lr_max=scalar, weight_sum=((), torch.float64))
             expected["z_minus_y"] = (param.shape, storage)
         else:
             expected["exp_avg"] = (param.shape, storage)
@@ -311,22 +346,35 @@ class AdamWMiniSF(torch.optim.Optimizer):
 
     def _collect(self, group: dict[str, Any], first_ordinal: int):
         """The group's params with gradients, their grads, states (created lazily), layouts, freshness,
-        and the gradients as given.
+        the gradients as given, and the kernels' cache for the group (None when sharded).
 
-        For ``DTensor`` parameters (FSDP2) these are the local shards, their
-        local gradients and local views of the state (:mod:`refadamw.sharding`).
+        Everything but the gradients comes from the group's plan, which is rebuilt only when the set of
+        parameters with gradients, a parameter's dtype or device, or a state changes. For ``DTensor``
+        parameters (FSDP2) these are the local shards, their local gradients and local views of the
+        state (:mod:`refadamw.sharding`).
         """
-        params, grads, states, layouts, fresh = [], [], [], [], []
-        whole = []  # the gradients as given (DTensor for FSDP2), for whole-tensor norms
-        for index, p in enumerate(group["params"]):
-            ordinal = first_ordinal + index
-            if p.grad is None:
-                continue  # gradients were checked by _check_grads before any state was created
+        params = group["params"]
+        with_grad = [i for i, p in enumerate(params) if p.grad is not None]
+        plan = self.__dict__.setdefault("_plans", {}).get(id(group))
+        if plan is None or not plan.holds(group, with_grad, self.state):
+            plan = self._plans[id(group)] = self._plan(group, first_ordinal, with_grad)
+        fresh, plan.fresh = plan.fresh, [False] * len(plan.params)
+        whole = [p.grad for p in plan.params]
+        # bf16/fp16 gradients are read as they are; a wider one than the math is narrowed first
+        whole = [g.to(torch.float32) if g.dtype == torch.float64 and p.dtype != torch.float64 else g
+                 for g, p in zip(whole, plan.params)]
+        grads = [sharding.local(g) for g in whole] if plan.sharded else whole
+        return plan.local_params, grads, plan.states, plan.layouts, fresh, whole, plan.cache, plan.offsets
+
+    def _plan(self, group: dict[str, Any], first_ordinal: int, with_grad: list[int]) -> _GroupPlan:
+        params, states, layouts, fresh = [], [], [], []
+        for index in with_grad:
+            p = group["params"][index]
             state = self.state[p]
             fresh.append(not state)
             if not state:
-                state.update(self._init_state(group, p, ordinal, index))
-            elif state["step"].dtype != compute_dtype(p.dtype) or state["step"].device != p.device:
+                state.update(self._init_state(group, p, first_ordinal + index, index))
+            elif state["grad_norm_ema"].dtype != compute_dtype(p.dtype) or state["step"].device != p.device:
                 self._follow_conversion(group, p, state)
             layout = self._block_layout(group, p, index)
             if state["exp_avg_sq"].shape != layout.state_shape(p.shape):
@@ -335,13 +383,17 @@ class AdamWMiniSF(torch.optim.Optimizer):
                     f"{tuple(state['exp_avg_sq'].shape)}, which does not match mini={group['mini']}, "
                     f"block_rows={group['block_rows']} and its block_layouts; these cannot change after the first step"
                 )
-            params.append(sharding.local(p))
-            grad = p.grad if p.grad.dtype == p.dtype else p.grad.to(compute_dtype(p.dtype))
-            grads.append(sharding.local(grad))
-            states.append(sharding.local_state(state))
+            params.append(p)
+            states.append(state)
             layouts.append(sharding.local_layout(layout, p))
-            whole.append(p.grad)
-        return params, grads, states, layouts, fresh, whole
+        sharded = any(sharding.is_sharded(p) for p in params)
+        return _GroupPlan(
+            with_grad=with_grad, params=params, kinds=[(p.dtype, p.device) for p in params],
+            state_dicts=list(states), fresh=fresh, sharded=sharded,
+            local_params=[sharding.local(p) for p in params] if sharded else params,
+            states=[sharding.local_state(s) for s in states] if sharded else states,
+            layouts=layouts, offsets=[sharding.index_offset(p) for p in params],
+            cache=None if sharded else {}, layout_key=_layout_key(group))
 
     def _follow_conversion(self, group: Mapping[str, Any], param: torch.Tensor, state: dict) -> None:
         """``model.double()`` or ``model.to(device)`` after some steps: lay the state out for the
@@ -398,14 +450,14 @@ class AdamWMiniSF(torch.optim.Optimizer):
         if not work:
             return loss  # no gradients: a no-op, as in torch.optim (the controller's clock stays too)
         norms, control = self._control(work, loss, **signals)
-        if norms is None and any(sharding.is_sharded(g) for *_, whole in work for g in whole):
+        if norms is None and any(cache is None for *_, cache, _ in work):  # no cache: a sharded group
             norms = self._grad_norms(work)  # the kernels alone would see only the local shards
-        for i, (group, params, grads, states, layouts, fresh, whole) in enumerate(work):
+        for i, (group, params, grads, states, layouts, fresh, whole, cache, offsets) in enumerate(work):
             foreach = True if group["foreach"] is None else group["foreach"]
             report = kernels.update(params, grads, states, layouts, self._hyper(group), fresh=fresh,
                                     norms=None if norms is None else norms[i], control=control,
                                     foreach=foreach, fused=group.get("fused") is not False,
-                                    index_offsets=[sharding.index_offset(g) for g in whole])  # g shards like p
+                                    index_offsets=offsets, cache=cache)
             stats = group["stats"]
             applied = report.applied.to(stats["steps"])
             stats["steps"].add_(applied)
@@ -444,8 +496,10 @@ class AdamWMiniSF(torch.optim.Optimizer):
     @staticmethod
     def _grad_norms(work) -> list[list[torch.Tensor]]:
         """Per-group lists of whole-tensor gradient norms (all-reduced over shards, no host sync)."""
-        return [sharding.global_norms(whole, kernels.grad_norms(params, grads))
-                for _, params, grads, *_, whole in work]
+        return [sharding.global_norms(whole, kernels.grad_norms(
+                    params, grads, states, layouts, cache=cache,
+                    native=group["schedule_free"] and group["foreach"] is not False and group["fused"] is not False))
+                for group, params, grads, states, layouts, _, whole, cache, _ in work]
 
     def _after_step(self) -> None:
         """Called at the end of every ``step()``."""
@@ -626,7 +680,7 @@ class AdamWMiniSF(torch.optim.Optimizer):
                 raise ValueError(
                     f"state '{name}' of parameter {key} has shape {tuple(value.shape)}, expected {tuple(shape)}"
                 )
-            if value.is_floating_point() != dtype.is_floating_point:
+            if value.is_floating_point() != dtype.is_floating_point and not (name == "step" and value.dim() == 0):
                 raise TypeError(f"state '{name}' of parameter {key} has dtype {value.dtype}, expected {dtype}")
             out[name] = value.detach().to(device=param.device, dtype=dtype, copy=True)
             if out[name].dim() == 0 and dtype.is_floating_point and not math.isfinite(out[name].item()):

@@ -102,14 +102,16 @@ class BlockLayout:
             shape[axis] = size
         return v.view(shape)
 
-    def mean_square(self, blocked_grad: torch.Tensor) -> torch.Tensor:
-        """``mean_{i∈b}(g_i²)`` per block, shaped like ``v``."""
+    def mean_square(self, blocked_grad: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``mean_{i∈b}(g_i²)`` per block, shaped like ``v``, computed in ``dtype`` (default: the gradient's;
+        a bf16/fp16 gradient is read as it is, without an upcast copy)."""
         if self.per_element:
-            return blocked_grad * blocked_grad
+            g = blocked_grad if dtype is None else blocked_grad.to(dtype)
+            return g * g
         dims = tuple(d for d in range(blocked_grad.dim()) if d not in self.axes)
         block_numel = math.prod([blocked_grad.shape[d] for d in dims])
         # A norm reads the gradient once and allocates only one value per block.
-        return torch.linalg.vector_norm(blocked_grad, dim=dims).square_().div_(block_numel)
+        return torch.linalg.vector_norm(blocked_grad, dim=dims, dtype=dtype).square_().div_(block_numel)
 
     def grid(self, t: torch.Tensor) -> torch.Tensor:
         """Contiguous ``t`` viewed for an elementwise pass against :meth:`grid_v`: ``(n_blocks, block_numel)``

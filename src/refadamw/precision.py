@@ -95,9 +95,15 @@ def resolve_state_dtype(requested: object, param_dtype: torch.dtype) -> torch.dt
     return dtype
 
 
-def second_moment_dtype(storage: torch.dtype) -> torch.dtype:
-    """The storage dtype of ``v``: never fp16, whose range flushes small ``g²`` to 0."""
-    return torch.float32 if storage == torch.float16 else storage
+def second_moment_dtype(storage: torch.dtype, layout=None) -> torch.dtype:
+    """The storage dtype of ``v``: fp32 for block ``v`` (one value per block, so it costs nothing and
+    needs no rounding pass), else the state dtype, but never fp16, whose range flushes small ``g²`` to 0.
+    ``layout``: the parameter's :class:`~refadamw.partition.BlockLayout` (None: per element)."""
+    if storage == torch.float64:
+        return storage
+    if storage == torch.float16 or (layout is not None and not layout.per_element):
+        return torch.float32
+    return storage
 
 
 def compute_dtype(param_dtype: torch.dtype) -> torch.dtype:

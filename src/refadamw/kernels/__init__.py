@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 
 from ..partition import BlockLayout
-from .common import Control, Hyper, StepReport, all_finite, grad_norms
-from .foreach import multi_tensor_update
+from . import common
+from .common import Control, Hyper, StepReport, all_finite
+from .foreach import bucket_norms, bucket_plans, multi_tensor_update
 from .reference import single_tensor_update
 
 __all__ = ["Control", "Hyper", "StepReport", "all_finite", "grad_norms", "update", "single_tensor_update", "multi_tensor_update"]
@@ -37,6 +38,7 @@ def update(
     foreach: bool = True,
     fused: bool = False,
     index_offsets: list[int] | None = None,
+    cache: dict | None = None,
 ) -> StepReport:
     """Apply one step to a param group's tensors that have gradients.
 
@@ -49,10 +51,25 @@ def update(
     ``index_offsets[i]`` is where ``params[i]``, a shard, starts in its whole
     flattened tensor (None: every tensor is whole); the stochastic rounding
     draws the noise of the global element index (:mod:`refadamw.precision`).
+    ``cache`` is a dict the caller keeps per group while its tensors and their state stay the same
+    objects; the multi-tensor path keeps its per-group plan there (see :func:`multi_tensor_update`).
     """
     fresh = [False] * len(params) if fresh is None else fresh
     offsets = [0] * len(params) if index_offsets is None else index_offsets
     if foreach:
         return multi_tensor_update(params, grads, states, layouts, hyper, fresh, norms, control, fused=fused,
-                                   index_offsets=offsets)
+                                   index_offsets=offsets, cache=cache)
     return single_tensor_update(params, grads, states, layouts, hyper, fresh, norms, control, index_offsets=offsets)
+
+
+def grad_norms(params: list[torch.Tensor], grads: list[torch.Tensor], states=None, layouts=None, *,
+               native: bool = False, cache: dict | None = None) -> list[torch.Tensor]:
+    """Each gradient's 2-norm, in its parameter's compute dtype.
+
+    With ``states``, ``layouts`` and ``native`` (a fused Schedule-Free group), tensors that the CPU
+    multi-tensor kernel takes get theirs from its block sums, which the following :func:`update` with the
+    same ``cache`` reuses, so ``g`` is read once for both.
+    """
+    if states is None:
+        return common.grad_norms(params, grads)
+    return bucket_norms(bucket_plans(params, grads, states, layouts, native, cache), params, grads)

@@ -50,6 +50,8 @@ def all_finite(norms: list[torch.Tensor]) -> torch.Tensor:
     squares overflow, which would poison ``v`` just the same.
     """
     device = norms[0].device
+    if all(n.device == device for n in norms):
+        return torch.stack(norms).isfinite().all()
     return torch.stack([n.isfinite().to(device) for n in norms]).all()
 
 
@@ -97,6 +99,37 @@ def finite_grads(grads: list[torch.Tensor]) -> list[torch.Tensor]:
 def finite_squares(squares: list[torch.Tensor]) -> list[torch.Tensor]:
     """Block mean squares with overflow (finite g, g² > max float) capped, in place."""
     return [torch.nan_to_num_(s, posinf=torch.finfo(s.dtype).max) for s in squares]
+
+
+def schedule_free_step(ys, ds, offsets, denoms, weight_decay, y_offset, y_step, offset_decay, offset_step) -> None:
+    """The elementwise Schedule-Free update, in place on lists of working tensors (every path's, once):
+
+        d  = g/denom + wd·y
+        y ← y + y_offset·δ + y_step·d
+        δ ← offset_decay·δ + offset_step·d
+
+    ``ds`` holds the finite gradients on entry (blocked views, like ``ys`` and ``offsets``) and the
+    directions ``d`` on exit; ``denoms`` broadcast against them. The coefficients are lists of one 0-d
+    tensor per tensor (:func:`refadamw.averaging.offset_coefficients`); ``weight_decay`` is one float
+    or 0-d tensor. The per-tensor path calls it with one-element lists, the multi-tensor path with a
+    chunk's tensors, and the compiled pass (:mod:`refadamw.kernels.fused`) traces it into one loop;
+    the CPU kernel (``native.c``) writes the same operations in the same order.
+    """
+    torch._foreach_div_(ds, denoms)
+    if nonzero(weight_decay):
+        if isinstance(weight_decay, torch.Tensor):  # alpha= would read it on the host
+            torch._foreach_addcmul_(ds, ys, [weight_decay.to(ys[0].dtype)] * len(ys))
+        else:
+            torch._foreach_add_(ds, ys, alpha=weight_decay)
+    torch._foreach_addcmul_(ys, offsets, y_offset)
+    torch._foreach_addcmul_(ys, ds, y_step)
+    torch._foreach_mul_(offsets, offset_decay)
+    torch._foreach_addcmul_(offsets, ds, offset_step)
+
+
+def nonzero(value: float | torch.Tensor) -> bool:
+    """Whether a hyperparameter may be nonzero, decided without reading a tensor's value on the host."""
+    return isinstance(value, torch.Tensor) or value != 0
 
 
 def working_copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

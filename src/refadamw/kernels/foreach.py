@@ -9,6 +9,8 @@ are updated in place.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from ..auto_lr import step_size, update_norm_ema
@@ -16,8 +18,9 @@ from ..averaging import averaging_weight, offset_coefficients, ref_weight, warmu
 from ..partition import BlockLayout
 from ..precision import Salt, rounding_keys, shift_key
 from . import fused as fused_kernel
+from . import native
 from .common import (Control, Hyper, StepReport, buckets, buffer_offset, finite_grads, finite_squares, gates,
-                     grad_norms, needs_rounding, store, working_copy)
+                     needs_rounding, nonzero, schedule_free_step, store, working_copy)
 
 
 def multi_tensor_update(
@@ -31,18 +34,25 @@ def multi_tensor_update(
     control: Control | None = None,
     fused: bool = False,
     index_offsets: list[int] | None = None,
+    cache: dict | None = None,
 ) -> StepReport:
-    """``fused``: run the elementwise part of Schedule-Free updates as one compiled
-    pass per tensor (:mod:`refadamw.kernels.fused`) where the tensor allows it.
-    ``index_offsets``: where each (sharded) tensor starts in its whole tensor, for the rounding noise."""
+    """``fused``: run the elementwise part of Schedule-Free updates fused where the tensor allows it: the
+    CPU multi-tensor kernel (:mod:`refadamw.kernels.native`), else one compiled pass per tensor
+    (:mod:`refadamw.kernels.fused`). ``index_offsets``: where each (sharded) tensor starts in its whole
+    tensor, for the rounding noise. ``cache``: a dict the caller keeps for this group while its tensors
+    and their state stay the same; the buckets, the per-tensor scalar vectors and the kernel's plan live
+    there (the states' scalars become views of those vectors)."""
     index_offsets = [0] * len(params) if index_offsets is None else index_offsets
+    plans = bucket_plans(params, grads, states, layouts, hyper.schedule_free and fused, cache)
     if norms is None:
-        norms = grad_norms(params, grads)
+        norms = bucket_norms(plans, params, grads)
     finite, keep = gates(norms, control)
 
     lrs, etas = [], []
-    for (device, dtype), idx in buckets(params).items():
+    for plan in plans:
+        idx, device, dtype = plan.idx, plan.device, plan.dtype
         lr_t, eta = _update_bucket(
+            plan,
             [params[i] for i in idx],
             [grads[i] for i in idx],
             torch.stack([norms[i] for i in idx]),
@@ -61,19 +71,101 @@ def multi_tensor_update(
     return StepReport(keep, torch.cat(lrs).mean(), torch.cat(etas).mean())
 
 
-def _stacked(states, key):
-    return torch.stack([s[key] for s in states])
+class BucketPlan:
+    """One (device, compute dtype) bucket of a group: its tensors' indices, the per-tensor scalars as one
+    vector each, and the CPU kernel's plan for the tensors it takes (``native_idx``, positions in ``idx``).
+
+    With ``bind`` the states' scalar entries are replaced by views of the vectors, so a step updates the
+    vectors in place and nothing is stacked or unbound; without it (no cache: a one-off call) the
+    vectors are copies, written back into the states after the step.
+    """
+
+    def __init__(self, key, idx, states, scalar_keys, bind: bool):
+        self.device, self.dtype = key
+        self.idx = idx
+        self.scalar_keys = scalar_keys
+        self.vectors = {k: torch.stack([s[k] for s in states]) for k in scalar_keys}
+        self.bind = bind
+        if bind:
+            for k, vector in self.vectors.items():
+                for s, view in zip(states, vector.unbind()):
+                    s[k] = view
+        self.held = [tuple(s.values()) for s in states] if bind else None
+        self.native = None
+        self.native_idx: list[int] = []
+        self.rest_idx: list[int] = list(range(len(idx)))
+
+    def holds(self, states) -> bool:
+        """Whether ``states`` still hold exactly the tensors this plan was built on (no load, no conversion)."""
+        return self.held is not None and len(states) == len(self.held) and all(
+            len(s) == len(h) and all(map(operator.is_, s.values(), h)) for s, h in zip(states, self.held))
+
+    def commit(self, states, new: dict[str, torch.Tensor], keep) -> None:
+        """Write the per-tensor scalars of this step, keeping the old values on a skipped step."""
+        for key, values in new.items():
+            self.vectors[key].copy_(torch.where(keep, values, self.vectors[key]))
+        if not self.bind:
+            for key in new:
+                torch._foreach_copy_([s[key] for s in states], list(self.vectors[key].unbind()))
 
 
-def _commit_scalars(states, new: dict[str, torch.Tensor], old: dict[str, torch.Tensor], keep) -> None:
-    """Write per-tensor scalars back, keeping the old values on a skipped step."""
-    for key, values in new.items():
-        kept = torch.where(keep, values, old[key])
-        torch._foreach_copy_([s[key] for s in states], list(kept.unbind()))
+def _scalar_keys(states) -> tuple[str, ...]:
+    return tuple(k for k in ("step", "grad_norm_ema", "lr_max", "weight_sum", "rounding_key") if k in states[0])
 
 
-CPU_CHUNK_NUMEL = 1 << 18
-"""On CPU, large-tensor work runs in chunks of about this many elements (see _update_bucket)."""
+def bucket_plans(params, grads, states, layouts, native_ok: bool, cache: dict | None) -> list[BucketPlan]:
+    """The group's bucket plans, from ``cache`` when it still holds for these states, else built (and cached).
+
+    Inside a caller's ``torch.compile`` the C kernel is not used (dynamo cannot trace a foreign call):
+    the traced step takes the compiled pass, with plans of its own.
+    """
+    compiling = torch.compiler.is_compiling()
+    native_ok = native_ok and not compiling
+    key = "compiled plans" if compiling else "plans"
+    if cache is not None:
+        plans = cache.get(key)
+        if plans is not None and all(p.holds([states[i] for i in p.idx]) for p in plans):
+            return plans
+    plans = []
+    for key, idx in buckets(params).items():
+        bucket_states = [states[i] for i in idx]
+        plan = BucketPlan(key, idx, bucket_states, _scalar_keys(bucket_states), bind=cache is not None)
+        if native_ok and key[0].type == "cpu" and key[1] == torch.float32 and native.available() \
+                and native.library() is not None:
+            buffer = "z_minus_y"
+            chosen = [j for j, i in enumerate(idx)
+                      if native.eligible(params[i], grads[i], states[i][buffer], states[i]["exp_avg_sq"], layouts[i])]
+            if chosen:
+                plan.native_idx = chosen
+                plan.rest_idx = [j for j in range(len(idx)) if j not in set(chosen)]
+                plan.native = native.Plan([params[idx[j]] for j in chosen],
+                                          [states[idx[j]][buffer] for j in chosen],
+                                          [states[idx[j]]["exp_avg_sq"] for j in chosen],
+                                          [layouts[idx[j]] for j in chosen])
+        plans.append(plan)
+    if cache is not None:
+        cache[key] = plans
+    return plans
+
+
+def bucket_norms(plans: list[BucketPlan], params, grads) -> list[torch.Tensor]:
+    """Each gradient's 2-norm in its compute dtype: from the CPU kernel's block sums where it takes the
+    tensor (the same read of ``g`` gives both), else ``torch._foreach_norm``."""
+    norms: list[torch.Tensor] = [None] * len(params)  # type: ignore[list-item]
+    for plan in plans:
+        rest = [plan.idx[j] for j in plan.rest_idx]
+        if rest:
+            for i, n in zip(rest, torch._foreach_norm([grads[i] for i in rest], dtype=plan.dtype)):
+                norms[i] = n
+        if plan.native is not None:
+            chosen = [grads[plan.idx[j]] for j in plan.native_idx]
+            for j, n in zip(plan.native_idx, plan.native.row_sums(chosen).sqrt().to(plan.dtype).unbind()):
+                norms[plan.idx[j]] = n
+    return norms
+
+
+CHUNK_NUMEL = 1 << 18
+"""The multi-tensor path runs in chunks of about this many elements (see _update_rest)."""
 
 
 def _chunks(params, max_numel: int | None):
@@ -90,33 +182,35 @@ def _chunks(params, max_numel: int | None):
     yield slice(begin, len(params))
 
 
-def _rounding_keys(states, step, salt: Salt, targets, dtype, offsets) -> list[torch.Tensor | None]:
+def _rounding_keys(tensor_keys, step, salt: Salt, targets, dtype, offsets) -> list[torch.Tensor | None]:
     """Per-tensor stochastic-rounding keys for one buffer, computed only if some target is bf16/fp16.
 
-    ``offsets[i]``: the global index of ``targets[i]``'s first element (nonzero only for shards).
+    ``tensor_keys``: the tensors' ``rounding_key`` state as one vector; ``offsets[i]``: the global index
+    of ``targets[i]``'s first element (nonzero only for shards).
     """
     if not any(needs_rounding(t, dtype) for t in targets):
         return [None] * len(targets)
-    keys = rounding_keys(_stacked(states, "rounding_key"), step, salt).unbind()
+    keys = rounding_keys(tensor_keys, step, salt).unbind()
     return [shift_key(key, offset) for key, offset in zip(keys, offsets)]
 
 
-def _update_bucket(params, grads, norm, states, layouts, fresh, offsets, h: Hyper, keep, dtype, ref, fused=False):
+def _update_bucket(plan: BucketPlan, params, grads, norm, states, layouts, fresh, offsets, h: Hyper, keep, dtype,
+                   ref, fused=False):
     keep_f = keep.to(dtype)
     zero = torch.zeros((), dtype=dtype, device=keep.device)
 
     # Per-tensor scalars, as one vector per bucket.
-    scalar_keys = ("step", "grad_norm_ema") + (("lr_max", "weight_sum") if h.schedule_free else ())
-    old = {key: _stacked(states, key) for key in scalar_keys}
-    new = {"step": old["step"] + keep_f}
+    old = plan.vectors
+    new = {"step": old["step"] + keep.to(old["step"].dtype)}
     step = new["step"]
-    lr_t = h.lr * warmup_factor(step, h.warmup_steps)
+    step_f = step.to(dtype)
+    lr_t = h.lr * warmup_factor(step_f, h.warmup_steps)
     ema = new["grad_norm_ema"] = update_norm_ema(old["grad_norm_ema"], norm, step == 1, h.norm_ema_alpha)
     eta = step_size(lr_t, ema, norm, h.min_lr, h.max_lr) if h.auto_lr else lr_t
     eta = torch.where(keep, eta, zero)
     scalars = {
         "v_weight": (1 - h.beta2) * keep_f,
-        "sqrt_bias2": (1 - h.beta2 ** step.clamp(min=1)).sqrt(),
+        "sqrt_bias2": (1 - h.beta2 ** step_f.clamp(min=1)).sqrt(),
     }
     if h.schedule_free:
         c, new["lr_max"], new["weight_sum"] = averaging_weight(lr_t, old["lr_max"], old["weight_sum"])
@@ -127,40 +221,85 @@ def _update_bucket(params, grads, norm, states, layouts, fresh, offsets, h: Hype
         c = torch.where(keep, c, zero)
         scalars.update(offset_coefficients(eta, c, h.beta1, rho)._asdict())
     else:
-        scalars.update(y_step=-eta, m_weight=(1 - h.beta1) * keep_f, bias1=1 - h.beta1 ** step.clamp(min=1))
+        scalars.update(y_step=-eta, m_weight=(1 - h.beta1) * keep_f, bias1=1 - h.beta1 ** step_f.clamp(min=1))
 
-    # Large tensors in chunks: on CPU every fresh full-size temporary costs
-    # page faults, and freeing many at once returns them to the OS, so keep
-    # each chunk's temporaries small enough to be reused step after step.
-    max_numel = CPU_CHUNK_NUMEL if keep.device.type == "cpu" else None
+    rest = list(range(len(params)))
+    if plan.native is not None and _native_step(plan, params, grads, h, step, scalars, fresh):
+        rest = plan.rest_idx
+    if rest:
+        pick = (lambda xs: [xs[j] for j in rest]) if len(rest) < len(params) else (lambda xs: xs)
+        sel = torch.tensor(rest, dtype=torch.int64, device=step.device) if len(rest) < len(params) else None
+        _update_rest(pick(params), pick(grads), pick(states), pick(layouts), pick(fresh), pick(offsets), h, dtype,
+                     step if sel is None else step[sel],
+                     {k: v[sel] if sel is not None and v.dim() else v for k, v in scalars.items()}, fused,
+                     plan.vectors["rounding_key"] if sel is None else plan.vectors["rounding_key"][sel])
+    plan.commit(states, new, keep)
+    return lr_t, eta
+
+
+def _native_step(plan: BucketPlan, params, grads, h: Hyper, step, scalars, fresh) -> bool:
+    """The CPU kernel's share of the bucket; False (nothing done) when a gradient no longer fits it."""
+    chosen = plan.native_idx
+    if not all(native.eligible_grad(params[j], grads[j]) for j in chosen):
+        return False
+    device = step.device
+    sel = torch.tensor(chosen, dtype=torch.int64, device=device) if len(chosen) < len(params) else None
+    columns = {"weight_decay": torch.as_tensor(h.weight_decay, dtype=torch.float32, device=device),
+               "eps": torch.full((), h.eps, dtype=torch.float32, device=device), **scalars}
+    coef = torch.stack([(v if sel is None or not v.dim() else v[sel]).float().expand(len(chosen))
+                        for v in (columns[name] for name in native.COEFFICIENTS)], dim=1)
+    tensor_keys, steps = plan.vectors["rounding_key"], step
+    if sel is not None:
+        tensor_keys, steps = tensor_keys[sel], step[sel]
+    keys = torch.stack([rounding_keys(tensor_keys, steps, salt) for salt in (Salt.PARAM, Salt.Z_MINUS_Y,
+                                                                               Salt.EXP_AVG_SQ)], dim=1)
+    pick = (lambda xs: [xs[j] for j in chosen]) if sel is not None else (lambda xs: xs)
+    plan.native.update(pick(params), pick(grads), pick(fresh), coef, keys)
+    return True
+
+
+def _update_rest(params, grads, states, layouts, fresh, offsets, h: Hyper, dtype, step, scalars, fused,
+                 tensor_keys):
+    """The tensors the CPU kernel does not take: multi-tensor ops, in chunks, or a compiled pass per tensor."""
+    # Large tensors in chunks, on every device: each chunk's temporaries (fp32 copies of low-precision
+    # storage, the direction d) stay small, and on CPU they are reused step after step instead of
+    # costing page faults.
     per_tensor = {k: list(v.unbind()) if v.dim() else [v] * len(params) for k, v in scalars.items()}
+    device = step.device
     if fused and h.schedule_free and dtype == torch.float32 and fused_kernel.available():
-        per_tensor["coef"] = list(_fused_coefficients(scalars, h, len(params), keep.device).unbind())
+        per_tensor["coef"] = list(_fused_coefficients(scalars, h, len(params), device).unbind())
     per_tensor["fresh"] = fresh
-    per_tensor["key_param"] = _rounding_keys(states, step, Salt.PARAM, params, dtype, offsets)
+    per_tensor["key_param"] = _rounding_keys(tensor_keys, step, Salt.PARAM, params, dtype, offsets)
     vs = [s["exp_avg_sq"] for s in states]
     v_offsets = [buffer_offset(o, p, v) for o, p, v in zip(offsets, params, vs)]
-    per_tensor["key_v"] = _rounding_keys(states, step, Salt.EXP_AVG_SQ, vs, dtype, v_offsets)
+    per_tensor["key_v"] = _rounding_keys(tensor_keys, step, Salt.EXP_AVG_SQ, vs, dtype, v_offsets)
     buffer, salt = ("z_minus_y", Salt.Z_MINUS_Y) if h.schedule_free else ("exp_avg", Salt.EXP_AVG)
-    per_tensor["key_buffer"] = _rounding_keys(states, step, salt, [s[buffer] for s in states], dtype, offsets)
-    for part in _chunks(params, max_numel):
+    per_tensor["key_buffer"] = _rounding_keys(tensor_keys, step, salt, [s[buffer] for s in states], dtype, offsets)
+    for part in _chunks(params, CHUNK_NUMEL):
         _update_tensors(params[part], grads[part], states[part], layouts[part], h, dtype,
                         {k: v[part] for k, v in per_tensor.items()})
-
-    _commit_scalars(states, new, old, keep)
-    return lr_t, eta
 
 
 def _fused_coefficients(scalars: dict[str, torch.Tensor], h: Hyper, n: int, device) -> torch.Tensor:
     """An ``(n, 5)`` fp32 matrix: each tensor's scalars in the order of ``fused.COEFFICIENTS``."""
-    # torch.full launches a fill; torch.tensor(x, device="cuda") would be a synchronizing host-to-device copy
-    values = {"weight_decay": torch.full((), float(h.weight_decay), device=device), **scalars}
+    # as_tensor of a float launches a fill (torch.tensor(x, device="cuda") would be a synchronizing copy);
+    # a tensor weight_decay is used as it is, never read on the host
+    values = {"weight_decay": torch.as_tensor(h.weight_decay, dtype=torch.float32, device=device), **scalars}
     return torch.stack([values[name].float().expand(n) for name in fused_kernel.COEFFICIENTS], dim=1)
 
 
 def _update_tensors(params, grads, states, layouts, h: Hyper, dtype, k: dict[str, list[torch.Tensor]]):
-    if "coef" in k and all(fused_kernel.eligible(p, g, s["z_minus_y"]) for p, g, s in zip(params, grads, states)):
-        return _fused_update(params, grads, states, layouts, h, dtype, k)
+    if "coef" in k:
+        fits = [fused_kernel.eligible(p, g, s["z_minus_y"]) for p, g, s in zip(params, grads, states)]
+        if any(fits):  # the compiled pass for the tensors it takes; one that it does not take stays below
+            take = [i for i, f in enumerate(fits) if f]
+            _fused_update(*_pick(take, params, grads, states, layouts), h, dtype, {n: _pick(take, v)[0]
+                                                                                 for n, v in k.items()})
+            left = [i for i, f in enumerate(fits) if not f]
+            if not left:
+                return
+            params, grads, states, layouts = _pick(left, params, grads, states, layouts)
+            k = {n: _pick(left, v)[0] for n, v in k.items()}
     grads = finite_grads([g.to(dtype) for g in grads])
     blocked_grads = [lay.blocked(g) for lay, g in zip(layouts, grads)]
     squares = finite_squares([lay.mean_square(bg) for lay, bg in zip(layouts, blocked_grads)])
@@ -173,25 +312,21 @@ def _update_tensors(params, grads, states, layouts, h: Hyper, dtype, k: dict[str
     ys = [working_copy(p, dtype) for p in params]
     blocked_ys = [lay.blocked(y) for lay, y in zip(layouts, ys)]
     if h.schedule_free:
-        ds = blocked_grads  # our own finite copies: divide in place, no new buffer
-        torch._foreach_div_(ds, denoms)
+        offsets = [working_copy(s["z_minus_y"], dtype) for s in states]
+        # blocked_grads are our own finite copies: the direction is built in them, no new buffer
+        schedule_free_step(blocked_ys, blocked_grads, [lay.blocked(o) for lay, o in zip(layouts, offsets)], denoms,
+                           h.weight_decay, k["y_offset"], k["y_step"], k["offset_decay"], k["offset_step"])
+        for s, offset, key in zip(states, offsets, k["key_buffer"]):
+            store(s["z_minus_y"], offset, key)
     else:
         ms = _moment(states, "exp_avg", grads, k["m_weight"], k["fresh"], dtype)
         ds = torch._foreach_div([lay.blocked(m) for lay, m in zip(layouts, ms)], k["bias1"])
         torch._foreach_div_(ds, denoms)
-    if h.weight_decay != 0:
-        torch._foreach_add_(ds, blocked_ys, alpha=h.weight_decay)
-
-    if h.schedule_free:
-        offsets = [working_copy(s["z_minus_y"], dtype) for s in states]
-        blocked_offsets = [lay.blocked(o) for lay, o in zip(layouts, offsets)]
-        torch._foreach_addcmul_(blocked_ys, blocked_offsets, k["y_offset"])
-        torch._foreach_addcmul_(blocked_ys, ds, k["y_step"])
-        torch._foreach_mul_(blocked_offsets, k["offset_decay"])
-        torch._foreach_addcmul_(blocked_offsets, ds, k["offset_step"])
-        for s, offset, key in zip(states, offsets, k["key_buffer"]):
-            store(s["z_minus_y"], offset, key)
-    else:
+        if nonzero(h.weight_decay):
+            if isinstance(h.weight_decay, torch.Tensor):  # alpha= would read it on the host
+                torch._foreach_add_(ds, torch._foreach_mul(blocked_ys, h.weight_decay.to(dtype)))
+            else:
+                torch._foreach_add_(ds, blocked_ys, alpha=h.weight_decay)
         torch._foreach_addcmul_(blocked_ys, ds, k["y_step"])
         for s, m, key in zip(states, ms, k["key_buffer"]):
             store(s["exp_avg"], m, key)
@@ -202,6 +337,10 @@ def _update_tensors(params, grads, states, layouts, h: Hyper, dtype, k: dict[str
         store(s["exp_avg_sq"], v, key)
 
 
+def _pick(idx: list[int], *lists):
+    return tuple([xs[i] for i in idx] for xs in lists)
+
+
 def _fused_update(params, grads, states, layouts, h: Hyper, dtype, k) -> None:
     """The block-sized work here, the elementwise pass compiled (kernels/fused.py).
 
@@ -209,8 +348,7 @@ def _fused_update(params, grads, states, layouts, h: Hyper, dtype, k) -> None:
     matters on a skipped step, whose ``v`` weight is 0, so it is set to 0 to
     keep ``v`` exact; the fused pass reads NaN/inf gradients as 0 itself.
     """
-    grads = [g.to(dtype) for g in grads]
-    squares = [torch.nan_to_num_(lay.mean_square(lay.blocked(g)), nan=0.0, posinf=torch.finfo(dtype).max)
+    squares = [torch.nan_to_num_(lay.mean_square(lay.blocked(g), dtype), nan=0.0, posinf=torch.finfo(dtype).max)
                for lay, g in zip(layouts, grads)]
     vs = _moment(states, "exp_avg_sq", squares, k["v_weight"], k["fresh"], dtype)
     denoms = torch._foreach_sqrt(vs)

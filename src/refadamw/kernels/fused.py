@@ -40,6 +40,7 @@ import os
 import torch
 
 from ..precision import LOW_PRECISION, round_bits
+from .common import schedule_free_step
 
 logger = logging.getLogger("refadamw")
 
@@ -63,11 +64,11 @@ def sf_pass(y, g, offset, denom, coef, key_y, key_offset) -> None:
     ``key_y``/``key_offset``: rounding keys for bf16/fp16 storage (ignored otherwise).
     """
     g = g.float()
-    d = torch.where(g.abs() <= _FLOAT_MAX, g, 0.0) / denom
-    yf, of = y.float(), offset.float()
-    d = d + coef[0] * yf
-    _store(y, yf + of * coef[1] + d * coef[2], key_y)
-    _store(offset, of * coef[3] + d * coef[4], key_offset)
+    d = torch.where(g.abs() <= _FLOAT_MAX, g, 0.0)
+    yf, of = y.float(), offset.float()  # y and offset themselves when fp32: updated in place
+    schedule_free_step([yf], [d], [of], [denom], coef[0], *([coef[i]] for i in range(1, 5)))
+    _store(y, yf, key_y)
+    _store(offset, of, key_offset)
 
 
 _compiled = None

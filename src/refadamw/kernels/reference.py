@@ -47,7 +47,7 @@ from ..averaging import averaging_weight, offset_coefficients, ref_weight, warmu
 from ..partition import BlockLayout
 from ..precision import Salt, compute_dtype, rounding_keys
 from .common import (Control, Hyper, StepReport, buffer_offset, finite_grads, finite_squares, gates, needs_rounding,
-                     store)
+                     schedule_free_step, store)
 
 
 def single_tensor_update(
@@ -90,8 +90,9 @@ def _update_one(param, grad, norm, state, layout: BlockLayout, h: Hyper, keep, f
     keep_f = keep.to(dtype)
     zero = torch.zeros((), dtype=dtype, device=grad.device)
 
-    step = state["step"] + keep_f
-    lr_t = h.lr * warmup_factor(step, h.warmup_steps)
+    step = state["step"] + keep.to(state["step"].dtype)
+    step_f = step.to(dtype)
+    lr_t = h.lr * warmup_factor(step_f, h.warmup_steps)
     ema = update_norm_ema(state["grad_norm_ema"], norm, step == 1, h.norm_ema_alpha)
     eta = step_size(lr_t, ema, norm, h.min_lr, h.max_lr) if h.auto_lr else lr_t
     eta = torch.where(keep, eta, zero)
@@ -101,12 +102,11 @@ def _update_one(param, grad, norm, state, layout: BlockLayout, h: Hyper, keep, f
     (square,) = finite_squares([layout.mean_square(blocked_grad)])
     v_weight = (1 - h.beta2) * keep_f
     v = square * v_weight if fresh else torch.lerp(state["exp_avg_sq"].to(dtype), square, v_weight)
-    bias2 = 1 - h.beta2 ** step.clamp(min=1)
+    bias2 = 1 - h.beta2 ** step_f.clamp(min=1)
     denom = layout.broadcastable((v / bias2).sqrt() + h.eps, param.dim())
 
     y = param.to(dtype)
     if h.schedule_free:
-        d = (blocked_grad / denom + h.weight_decay * layout.blocked(y)).reshape(param.shape)
         c, lr_max, weight_sum = averaging_weight(lr_t, state["lr_max"], state["weight_sum"])
         rho = None
         if ref is not None:
@@ -114,16 +114,18 @@ def _update_one(param, grad, norm, state, layout: BlockLayout, h: Hyper, keep, f
             c, rho = ref_weight(c, lam.to(dtype)), rho.to(dtype)
         c = torch.where(keep, c, zero)
         k = offset_coefficients(eta, c, h.beta1, rho)
-        offset = state["z_minus_y"].to(dtype)
-        y_new = y + k.y_offset * offset + k.y_step * d
-        store(state["z_minus_y"], k.offset_decay * offset + k.offset_step * d,
+        y_new = y.clone()  # y itself when param is already in the compute dtype
+        offset = state["z_minus_y"].to(dtype, copy=True)
+        schedule_free_step([layout.blocked(y_new)], [blocked_grad], [layout.blocked(offset)], [denom],
+                           h.weight_decay, *([coef] for coef in k))
+        store(state["z_minus_y"], offset,
               _key(state, step, Salt.Z_MINUS_Y, state["z_minus_y"], dtype, index_offset))
         state["lr_max"].copy_(torch.where(keep, lr_max, state["lr_max"]))
         state["weight_sum"].copy_(torch.where(keep, weight_sum, state["weight_sum"]))
     else:
         m_weight = (1 - h.beta1) * keep_f
         m = grad * m_weight if fresh else torch.lerp(state["exp_avg"].to(dtype), grad, m_weight)
-        bias1 = 1 - h.beta1 ** step.clamp(min=1)
+        bias1 = 1 - h.beta1 ** step_f.clamp(min=1)
         m_hat = layout.blocked(m / bias1)
         d = (m_hat / denom + h.weight_decay * layout.blocked(y)).reshape(param.shape)
         y_new = y - eta * d

@@ -1,0 +1,237 @@
+/* The CPU multi-tensor Schedule-Free update of refadamw (kernels/native.py).
+ *
+ * Two calls per param group, each one OpenMP region over a list of work items
+ * (a tensor's rows [r0, r1)), whatever the number of tensors:
+ *
+ *   refadamw_row_sums:  per block, s_b = sum of g^2 over the block (blocked tensors),
+ *                       and per tensor the sum of squares (its norm, squared);
+ *   refadamw_update:    v, the denominator and the elementwise Schedule-Free step
+ *                       of kernels/fused.py (sf_pass), one block at a time:
+ *
+ *     s     = s_b / block_numel     (or g^2 per element), NaN -> 0, inf -> FLT_MAX
+ *     v     = fresh ? w*s : lerp(v, s, w)                 (torch.lerp's formula)
+ *     denom = sqrt(v) / sqrt_bias2 + eps
+ *     d     = (finite g, else 0) / denom + wd*y
+ *     y    <- (y + y_offset*delta) + y_step*d
+ *     delta <- offset_decay*delta + offset_step*d
+ *
+ * Storage may be fp32, bf16 or fp16; the math is fp32 and every write into
+ * bf16/fp16 is stochastically rounded with the counter-based hash of
+ * precision.py (word i of key k is mix32(i*G + k)), so the result is the
+ * multi-tensor path's up to the order of the sums. Compiled with
+ * -ffp-contract=off: no fused multiply-adds, the same roundings as the
+ * eager path.
+ */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { F32 = 0, BF16 = 1, F16 = 2 };
+enum { WD, Y_OFFSET, Y_STEP, OFFSET_DECAY, OFFSET_STEP, V_WEIGHT, SQRT_BIAS2, EPS, N_COEF };
+enum { KEY_Y, KEY_OFFSET, KEY_V, N_KEY };
+#define SEG 512
+#define GOLDEN 0x9E3779B9u
+
+#ifdef __FLT16_MANT_DIG__
+typedef _Float16 half_t;
+#define HAS_F16 1
+#else
+typedef uint16_t half_t; /* fp16 tensors are not routed here (refadamw_has_f16() == 0) */
+#define HAS_F16 0
+#endif
+
+int refadamw_has_f16(void) { return HAS_F16; }
+
+static inline uint32_t mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7FEB352Du;
+    x ^= x >> 15;
+    x *= 0x846CA68Bu;
+    return x ^ (x >> 16);
+}
+
+static inline float f32_of_bits(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t bits_of_f32(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+static void load(const void *src, int dt, int64_t at, int n, float *out) {
+    if (dt == F32) {
+        memcpy(out, (const float *)src + at, (size_t)n * 4);
+    } else if (dt == BF16) {
+        const uint16_t *s = (const uint16_t *)src + at;
+        for (int j = 0; j < n; j++) out[j] = f32_of_bits((uint32_t)s[j] << 16);
+    } else {
+#if HAS_F16
+        const half_t *s = (const half_t *)src + at;
+        for (int j = 0; j < n; j++) out[j] = (float)s[j];
+#endif
+    }
+}
+
+/* Element `at + j` of the flattened tensor draws word mix32((at + j)*G + key). */
+static void store(void *dst, int dt, int64_t at, int n, const float *in, uint32_t key) {
+    if (dt == F32) {
+        memcpy((float *)dst + at, in, (size_t)n * 4);
+        return;
+    }
+    uint32_t first = (uint32_t)at * GOLDEN + key;
+    if (dt == BF16) {
+        uint16_t *d = (uint16_t *)dst + at;
+        for (int j = 0; j < n; j++) {
+            uint32_t r = mix32(first + (uint32_t)j * GOLDEN);
+            d[j] = (uint16_t)((bits_of_f32(in[j]) + (r & 0xFFFFu)) >> 16);
+        }
+        return;
+    }
+#if HAS_F16
+    half_t *d = (half_t *)dst + at;
+    for (int j = 0; j < n; j++) {
+        uint32_t r = mix32(first + (uint32_t)j * GOLDEN);
+        float x = in[j], ax = fabsf(x);
+        float normal = f32_of_bits((bits_of_f32(x) + (r & 0x1FFFu)) & ~0x1FFFu);
+        float uniform = (float)((r >> 13) & 0x3FFFu) * 0x1p-14f;
+        float sub = copysignf(floorf(ax / 0x1p-24f + uniform) * 0x1p-24f, x);
+        d[j] = (half_t)(ax < 0x1p-14f ? sub : normal);
+    }
+#endif
+}
+
+static inline float finite_square(float s) {
+    return s != s ? 0.0f : (s > FLT_MAX ? FLT_MAX : s);
+}
+
+static inline float lerp(float start, float end, float w) {
+    return w < 0.5f ? start + w * (end - start) : end - (end - start) * (1.0f - w);
+}
+
+/* Sum of squares of n floats in 16 independent lanes (vectorizes without reassociating). */
+static double sum_squares(const float *x, int n) {
+    float lane[16] = {0};
+    int j = 0;
+    for (; j + 16 <= n; j += 16)
+        for (int k = 0; k < 16; k++) lane[k] += x[j + k] * x[j + k];
+    float tail = 0.0f;
+    for (; j < n; j++) tail += x[j] * x[j];
+    double total = tail;
+    for (int k = 0; k < 16; k++) total += lane[k];
+    return total;
+}
+
+/* Per tensor t: pointers and dtype codes of y (the parameter), g, delta = z - y and v; rows and
+ * cols: blocks and their size (per-element tensors: rows = numel, cols = 1, per_element = 1);
+ * sq_at: where the tensor's block sums start in `sq`. Work item i covers rows [r0[i], r1[i]) of
+ * tensor item_t[i]; the items of one tensor are consecutive. */
+void refadamw_row_sums(const int64_t *g, const int32_t *g_dt, const int64_t *rows, const int64_t *cols,
+                       const int64_t *sq_at, const int8_t *per_element, int64_t n_items, const int64_t *item_t,
+                       const int64_t *r0, const int64_t *r1, float *sq, double *item_sum, int64_t n_tensors,
+                       double *tensor_sum, int threads, int64_t parallel_numel) {
+    int64_t total = 0;
+    for (int64_t i = 0; i < n_items; i++) total += (r1[i] - r0[i]) * cols[item_t[i]];
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (total >= parallel_numel)
+    for (int64_t i = 0; i < n_items; i++) {
+        int64_t t = item_t[i], c = cols[t];
+        const void *gp = (const void *)g[t];
+        float buf[SEG];
+        double acc = 0.0;
+        if (per_element[t]) {
+            for (int64_t at = r0[i]; at < r1[i]; at += SEG) {
+                int n = (int)(r1[i] - at < SEG ? r1[i] - at : SEG);
+                load(gp, g_dt[t], at, n, buf);
+                acc += sum_squares(buf, n);
+            }
+        } else {
+            for (int64_t r = r0[i]; r < r1[i]; r++) {
+                double row = 0.0;
+                for (int64_t j = 0; j < c; j += SEG) {
+                    int n = (int)(c - j < SEG ? c - j : SEG);
+                    load(gp, g_dt[t], r * c + j, n, buf);
+                    row += sum_squares(buf, n);
+                }
+                sq[sq_at[t] + r] = (float)row;
+                acc += row;
+            }
+        }
+        item_sum[i] = acc;
+    }
+    for (int64_t t = 0; t < n_tensors; t++) tensor_sum[t] = 0.0;
+    for (int64_t i = 0; i < n_items; i++) tensor_sum[item_t[i]] += item_sum[i];
+}
+
+static void step_segment(float *y, const float *g, float *offset, const float *denom, int denom_step, int n,
+                         const float *k) {
+    for (int j = 0; j < n; j++) {
+        float gj = fabsf(g[j]) <= FLT_MAX ? g[j] : 0.0f;
+        float d = gj / denom[j * denom_step];
+        d = d + k[WD] * y[j];
+        float yj = y[j] + offset[j] * k[Y_OFFSET];
+        y[j] = yj + d * k[Y_STEP];
+        offset[j] = offset[j] * k[OFFSET_DECAY] + d * k[OFFSET_STEP];
+    }
+}
+
+void refadamw_update(const int64_t *y, const int64_t *g, const int64_t *offset, const int64_t *v,
+                     const int32_t *y_dt, const int32_t *g_dt, const int32_t *offset_dt, const int32_t *v_dt,
+                     const int64_t *rows, const int64_t *cols, const int64_t *sq_at, const int8_t *per_element,
+                     const int8_t *fresh, const float *coef, const int32_t *keys, const float *sq, int64_t n_items,
+                     const int64_t *item_t, const int64_t *r0, const int64_t *r1, int threads,
+                     int64_t parallel_numel) {
+    int64_t total = 0;
+    for (int64_t i = 0; i < n_items; i++) total += (r1[i] - r0[i]) * cols[item_t[i]];
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (total >= parallel_numel)
+    for (int64_t i = 0; i < n_items; i++) {
+        int64_t t = item_t[i], c = cols[t];
+        const float *k = coef + t * N_COEF;
+        const int32_t *key = keys + t * N_KEY;
+        void *yp = (void *)y[t], *op = (void *)offset[t], *vp = (void *)v[t];
+        const void *gp = (const void *)g[t];
+        float yb[SEG], gb[SEG], ob[SEG], vb[SEG];
+        if (per_element[t]) {
+            for (int64_t at = r0[i]; at < r1[i]; at += SEG) {
+                int n = (int)(r1[i] - at < SEG ? r1[i] - at : SEG);
+                load(gp, g_dt[t], at, n, gb);
+                if (fresh[t]) {
+                    for (int j = 0; j < n; j++) vb[j] = finite_square(gb[j] * gb[j]) * k[V_WEIGHT];
+                } else {
+                    load(vp, v_dt[t], at, n, vb);
+                    for (int j = 0; j < n; j++) vb[j] = lerp(vb[j], finite_square(gb[j] * gb[j]), k[V_WEIGHT]);
+                }
+                store(vp, v_dt[t], at, n, vb, (uint32_t)key[KEY_V]);
+                for (int j = 0; j < n; j++) vb[j] = sqrtf(vb[j]) / k[SQRT_BIAS2] + k[EPS];
+                load(yp, y_dt[t], at, n, yb);
+                load(op, offset_dt[t], at, n, ob);
+                step_segment(yb, gb, ob, vb, 1, n, k);
+                store(yp, y_dt[t], at, n, yb, (uint32_t)key[KEY_Y]);
+                store(op, offset_dt[t], at, n, ob, (uint32_t)key[KEY_OFFSET]);
+            }
+            continue;
+        }
+        for (int64_t r = r0[i]; r < r1[i]; r++) {
+            float s = finite_square(sq[sq_at[t] + r] / (float)c), vr;
+            if (fresh[t]) {
+                vr = s * k[V_WEIGHT];
+            } else {
+                load(vp, v_dt[t], r, 1, &vr);
+                vr = lerp(vr, s, k[V_WEIGHT]);
+            }
+            store(vp, v_dt[t], r, 1, &vr, (uint32_t)key[KEY_V]);
+            float denom = sqrtf(vr) / k[SQRT_BIAS2] + k[EPS];
+            for (int64_t j = 0; j < c; j += SEG) {
+                int n = (int)(c - j < SEG ? c - j : SEG);
+                int64_t at = r * c + j;
+                load(gp, g_dt[t], at, n, gb);
+                load(yp, y_dt[t], at, n, yb);
+                load(op, offset_dt[t], at, n, ob);
+                step_segment(yb, gb, ob, &denom, 0, n, k);
+                store(yp, y_dt[t], at, n, yb, (uint32_t)key[KEY_Y]);
+                store(op, offset_dt[t], at, n, ob, (uint32_t)key[KEY_OFFSET]);
+            }
+        }
+    }
+}
+
+/* The kernel's rounding on its own, for tests: src (fp32, n values) into dst (dtype code dt), element i
+ * drawing word mix32(i*G + key) as every write above does. */
+void refadamw_stochastic_round(const float *src, int64_t n, int dt, int32_t key, void *dst) {
+    for (int64_t at = 0; at < n; at += SEG) store(dst, dt, at, (int)(n - at < SEG ? n - at : SEG), src + at,
+                                                  (uint32_t)key);
+}

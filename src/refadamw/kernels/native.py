@@ -1,0 +1,227 @@
+"""The CPU fast path: one hand-written multi-tensor kernel per param group (``native.c``).
+
+SPEC.md §6. A ``torch.compile``d pass per tensor (kernels/fused.py) costs
+about 30 µs of guards and launch per tensor: LoRA's hundreds of small
+tensors spent most of ``step()`` there. Here one C call covers every
+tensor of a group, as ``torch._fused_adamw_`` does for AdamW:
+
+1. :func:`row_sums` reads each gradient once for its block sums of squares
+   and its squared norm (the hygiene gate, auto-lr and the Ref controller
+   need every norm before any tensor is written);
+2. :func:`update` then reads ``g``, ``y`` and ``δ = z − y`` once more and
+   writes ``y``, ``δ`` and ``v`` once, a block at a time: ``v``, the
+   denominator and the elementwise Schedule-Free step of
+   :func:`refadamw.kernels.fused.sf_pass` (equations in ``native.c``).
+
+Both calls are one OpenMP region on torch's own thread pool (the library
+links the libgomp torch loaded), over work items of about
+:data:`ITEM_NUMEL` elements, whatever the tensor count, and run on one
+thread below :data:`PARALLEL_NUMEL` elements. Per-tensor scalars come in as
+one ``(n, 8)`` coefficient matrix and one ``(n, 3)`` key matrix computed
+by tensor ops, so nothing syncs and nothing here loops in Python per
+element. The static part of a group (pointers of the state buffers,
+shapes, work items, scratch) is built once, in a :class:`Plan`.
+
+The source is compiled on first use with the system C compiler (``$CC``,
+else ``cc``; about a second) into ``$REFADAMW_CACHE_DIR`` (default
+``~/.cache/refadamw``), keyed by a hash of the source, flags, compiler and
+CPU. Without a compiler, or with ``REFADAMW_COMPILE=0``, the multi-tensor
+path runs instead (one warning when compiling fails).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import operator
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("refadamw")
+
+SOURCE = Path(__file__).with_name("native.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-std=gnu11", "-shared",
+         "-fPIC")
+"""``-ffp-contract=off``: no fused multiply-adds, so each operation rounds like the eager path's."""
+
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+COEFFICIENTS = ("weight_decay", "y_offset", "y_step", "offset_decay", "offset_step", "v_weight", "sqrt_bias2", "eps")
+"""The columns of the coefficient matrix, in ``native.c``'s order."""
+ITEM_NUMEL = 1 << 15
+"""Work items hold about this many elements: small enough to balance two to many threads, large enough
+that a LoRA factor is one item."""
+PARALLEL_NUMEL = 1 << 18
+"""Groups with fewer elements run on the calling thread: opening a parallel region costs more than it saves."""
+
+_library = None
+_failed = False
+_storable_dtypes: frozenset = frozenset()
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("REFADAMW_CACHE_DIR") or Path.home() / ".cache" / "refadamw")
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((line for line in info if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
+def _build(compiler: str) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    digest = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version, platform.machine(), _cpu_flags(),
+                                       torch.__version__]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"refadamw_native_{digest}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], capture_output=True, text=True,
+                       check=True)
+        os.replace(built, target)  # atomic: a concurrent build leaves one complete file
+    return target
+
+
+def _load():
+    global _library, _failed
+    compiler = shutil.which(os.environ.get("CC") or "cc")
+    try:
+        if compiler is None:
+            raise FileNotFoundError("no C compiler (set $CC)")
+        library = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.CalledProcessError) as err:
+        _failed = True
+        detail = getattr(err, "stderr", "") or err
+        logger.warning("refadamw: building the CPU multi-tensor kernel failed (%s); using the multi-tensor path",
+                       str(detail).strip()[:500])
+        return None
+    library.refadamw_row_sums.argtypes = [_P] * 6 + [_I64, _P, _P, _P, _P, _P, _I64, _P, ctypes.c_int, _I64]
+    library.refadamw_update.argtypes = [_P] * 16 + [_I64, _P, _P, _P, ctypes.c_int, _I64]
+    library.refadamw_stochastic_round.argtypes = [_P, _I64, ctypes.c_int, ctypes.c_int32, _P]
+    global _storable_dtypes
+    _storable_dtypes = frozenset(DTYPE_CODES) if library.refadamw_has_f16() else frozenset(DTYPE_CODES) - {
+        torch.float16}
+    library.refadamw_row_sums.restype = library.refadamw_update.restype = None
+    library.refadamw_stochastic_round.restype = None
+    _library = library
+    return library
+
+
+def available() -> bool:
+    """Whether the kernel can run: compiling is allowed and has not failed (it is built on the first call)."""
+    return not _failed and os.environ.get("REFADAMW_COMPILE", "1") != "0"
+
+
+def library():
+    return _library if _library is not None else _load()
+
+
+def _storable(t: torch.Tensor) -> bool:
+    return t.dtype in _storable_dtypes and t.device.type == "cpu" and t.is_contiguous()
+
+
+def eligible_grad(param: torch.Tensor, grad: torch.Tensor) -> bool:
+    """Whether a parameter and its gradient fit the kernel (checked every step: both can change)."""
+    return (type(param) in (torch.Tensor, torch.nn.Parameter) and type(grad) is torch.Tensor  # not DTensor
+            and not grad.is_sparse and _storable(param) and _storable(grad))
+
+
+def eligible(param: torch.Tensor, grad: torch.Tensor, offset: torch.Tensor, v: torch.Tensor, layout) -> bool:
+    """Whether one tensor can take the kernel: dense, contiguous CPU storage in fp32/bf16/fp16, and blocks
+    that are contiguous runs (per-element ``v`` or leading block axes). Needs the library loaded."""
+    return eligible_grad(param, grad) and _storable(offset) and _storable(v) and layout.contiguous
+
+
+def stochastic_round(src: torch.Tensor, dtype: torch.dtype, key: int) -> torch.Tensor:
+    """The kernel's stochastic rounding of fp32 ``src`` into ``dtype`` (flattened), for tests."""
+    src = src.detach().float().contiguous().view(-1)
+    out = torch.empty(src.numel(), dtype=dtype)
+    library().refadamw_stochastic_round(src.data_ptr(), src.numel(), DTYPE_CODES[dtype], key, out.data_ptr())
+    return out
+
+
+def _ptrs(tensors) -> torch.Tensor:
+    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+
+
+def _codes(tensors) -> torch.Tensor:
+    return torch.tensor([DTYPE_CODES[t.dtype] for t in tensors], dtype=torch.int32)
+
+
+class Plan:
+    """The static part of one group's call: state pointers, block shapes, work items and scratch.
+
+    Valid while the group's tensors with gradients and their state buffers stay the same objects;
+    the optimizer rebuilds it otherwise.
+    """
+
+    def __init__(self, params, offsets, vs, layouts):
+        self.lib = library()
+        n = len(params)
+        rows = [p.numel() if lay.per_element else lay.n_blocks for p, lay in zip(params, layouts)]
+        cols = [1 if lay.per_element else p.numel() // max(r, 1) for p, lay, r in zip(params, layouts, rows)]
+        self.per_element = torch.tensor([lay.per_element for lay in layouts], dtype=torch.int8)
+        self.rows, self.cols = torch.tensor(rows, dtype=torch.int64), torch.tensor(cols, dtype=torch.int64)
+        sq_at, total = [], 0
+        for r, lay in zip(rows, layouts):
+            sq_at.append(total)
+            total += 0 if lay.per_element else r
+        self.sq_at = torch.tensor(sq_at, dtype=torch.int64)
+        self.sq = torch.empty(total, dtype=torch.float32)
+        items = []
+        for t, (r, c) in enumerate(zip(rows, cols)):
+            per_item = max(1, ITEM_NUMEL // max(c, 1))
+            items += [(t, r0, min(r, r0 + per_item)) for r0 in range(0, r, per_item)]
+        self.items = torch.tensor(items or [(0, 0, 0)], dtype=torch.int64)[: len(items)].T.contiguous()
+        self.n, self.n_items = n, len(items)
+        self.item_sum = torch.empty(self.n_items, dtype=torch.float64)
+        self.tensor_sum = torch.empty(n, dtype=torch.float64)
+        self.offset_ptrs, self.v_ptrs = _ptrs(offsets), _ptrs(vs)
+        self.offset_codes, self.v_codes = _codes(offsets), _codes(vs)
+        self.y_codes = _codes(params)
+        self.not_fresh = torch.zeros(n, dtype=torch.int8)
+        self._keep = (offsets, vs)  # the buffers whose pointers are held
+
+    def row_sums(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """Each gradient's sum of squares (fp64, ``(n,)``); the block sums stay in the plan for :meth:`update`."""
+        self._grads = list(grads)
+        self._g_ptrs, self._g_codes = _ptrs(grads), _codes(grads)
+        item_t, r0, r1 = self.items
+        self.lib.refadamw_row_sums(
+            self._g_ptrs.data_ptr(), self._g_codes.data_ptr(), self.rows.data_ptr(), self.cols.data_ptr(),
+            self.sq_at.data_ptr(), self.per_element.data_ptr(), self.n_items, item_t.data_ptr(), r0.data_ptr(),
+            r1.data_ptr(), self.sq.data_ptr(), self.item_sum.data_ptr(), self.n, self.tensor_sum.data_ptr(),
+            torch.get_num_threads(), PARALLEL_NUMEL)
+        return self.tensor_sum
+
+    def update(self, params, grads, fresh: list[bool], coef: torch.Tensor, keys: torch.Tensor) -> None:
+        """The step, in place. ``coef``: fp32 ``(n, 8)`` in :data:`COEFFICIENTS` order; ``keys``: int32
+        ``(n, 3)`` rounding keys of ``y``, ``δ`` and ``v``. Reads the block sums of the last :meth:`row_sums`
+        on these gradients."""
+        summed = getattr(self, "_grads", None)
+        if summed is None or len(summed) != len(grads) or not all(map(operator.is_, summed, grads)):
+            self.row_sums(grads)
+        coef, keys = coef.contiguous(), keys.contiguous()
+        fresh_flags = torch.tensor(fresh, dtype=torch.int8) if any(fresh) else self.not_fresh
+        item_t, r0, r1 = self.items
+        y_ptrs = _ptrs(params)
+        self.lib.refadamw_update(
+            y_ptrs.data_ptr(), self._g_ptrs.data_ptr(), self.offset_ptrs.data_ptr(), self.v_ptrs.data_ptr(),
+            self.y_codes.data_ptr(), self._g_codes.data_ptr(), self.offset_codes.data_ptr(), self.v_codes.data_ptr(),
+            self.rows.data_ptr(), self.cols.data_ptr(), self.sq_at.data_ptr(), self.per_element.data_ptr(),
+            fresh_flags.data_ptr(), coef.data_ptr(), keys.data_ptr(), self.sq.data_ptr(), self.n_items,
+            item_t.data_ptr(), r0.data_ptr(), r1.data_ptr(), torch.get_num_threads(), PARALLEL_NUMEL)
+        self._grads = None
