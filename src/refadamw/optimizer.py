@@ -30,6 +30,8 @@ from .precision import (AUTO, Salt, compute_dtype, parse_state_dtype, resolve_st
 logger = logging.getLogger("refadamw")
 
 _STAT_KEYS = ("steps", "skipped_steps", "lr", "effective_lr")
+_FLOAT_DTYPES = frozenset({torch.float64, torch.float32, torch.bfloat16, torch.float16,
+                           *(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name))})
 
 
 def _check_number(name: str, value: Any, low: float, *, low_open: bool = False, high: float | None = None,
@@ -112,8 +114,8 @@ class _GroupPlan:
 
     with_grad: list[int]  # indices in group["params"] of the parameters with gradients
     params: list[torch.Tensor]
-    kinds: list[tuple[torch.dtype, torch.device]]
-    state_dicts: list[dict]
+    dtypes: list[torch.dtype]
+    devices: list[torch.device]
     fresh: list[bool]  # states created for the coming step
     sharded: bool
     local_params: list[torch.Tensor]
@@ -124,11 +126,16 @@ class _GroupPlan:
 
     layout_key: tuple
 
+    state: Any = None  # the optimizer's state mapping and its size when the plan was built
+    state_size: int = 0
+
     def holds(self, group, with_grad: list[int], state) -> bool:
-        """Whether the same parameters have gradients, with the same dtypes, devices, state dicts and
-        block layout settings."""
-        return (with_grad == self.with_grad and all(map(operator.is_, map(state.get, self.params), self.state_dicts))
-                and [(p.dtype, p.device) for p in self.params] == self.kinds and _layout_key(group) == self.layout_key)
+        """Whether the same parameters have gradients, with the same dtypes, devices and block layout
+        settings, and the optimizer's state is the same mapping with no entry added or removed (a load
+        replaces it; the kernels check that each state still holds the tensors they were planned on)."""
+        return (with_grad == self.with_grad and state is self.state and len(state) == self.state_size
+                and [p.dtype for p in self.params] == self.dtypes and [p.device for p in self.params] == self.devices
+                and _layout_key(group) == self.layout_key)
 
 
 def _layout_key(group: Mapping[str, Any]) -> tuple:
@@ -388,12 +395,13 @@ class AdamWMiniSF(torch.optim.Optimizer):
             layouts.append(sharding.local_layout(layout, p))
         sharded = any(sharding.is_sharded(p) for p in params)
         return _GroupPlan(
-            with_grad=with_grad, params=params, kinds=[(p.dtype, p.device) for p in params],
-            state_dicts=list(states), fresh=fresh, sharded=sharded,
+            with_grad=with_grad, params=params, dtypes=[p.dtype for p in params], devices=[p.device for p in params],
+            fresh=fresh, sharded=sharded,
             local_params=[sharding.local(p) for p in params] if sharded else params,
             states=[sharding.local_state(s) for s in states] if sharded else states,
             layouts=layouts, offsets=[sharding.index_offset(p) for p in params],
-            cache=None if sharded else {}, layout_key=_layout_key(group))
+            cache=None if sharded else {}, layout_key=_layout_key(group), state=self.state,
+            state_size=len(self.state))
 
     def _follow_conversion(self, group: Mapping[str, Any], param: torch.Tensor, state: dict) -> None:
         """``model.double()`` or ``model.to(device)`` after some steps: lay the state out for the
@@ -472,9 +480,14 @@ class AdamWMiniSF(torch.optim.Optimizer):
 
     def _check_grads(self) -> None:
         """Refuse a bad gradient before anything (state, controller) has changed."""
-        ordinal = 0
         for group in self.param_groups:
-            for p in group["params"]:
+            params = group["params"]
+            # one cheap pass per step; the detailed checks run only for a gradient that fails it
+            if all(g is None or (g.dtype in _FLOAT_DTYPES and g.layout is torch.strided and g.shape == p.shape)
+                   for g, p in zip([p.grad for p in params], params)):
+                continue
+            ordinal = sum(len(g["params"]) for g in self.param_groups[:self.param_groups.index(group)])
+            for index, p in enumerate(params):
                 g = p.grad
                 if g is not None:
                     if g.is_sparse:
@@ -482,12 +495,11 @@ class AdamWMiniSF(torch.optim.Optimizer):
                     if g.is_complex():
                         raise TypeError("complex gradients are not supported")
                     if not g.is_floating_point():
-                        raise TypeError(f"the gradient of parameter {ordinal} has dtype {g.dtype}; "
+                        raise TypeError(f"the gradient of parameter {ordinal + index} has dtype {g.dtype}; "
                                         "gradients must be floating point")
                     if g.shape != p.shape:
-                        raise ValueError(f"the gradient of parameter {ordinal} has shape {tuple(g.shape)}, "
+                        raise ValueError(f"the gradient of parameter {ordinal + index} has shape {tuple(g.shape)}, "
                                          f"but the parameter has shape {tuple(p.shape)}")
-                ordinal += 1
 
     def _control(self, work, loss, **signals) -> tuple[list | None, kernels.Control | None]:
         """Per-group gradient norms and a controller decision; none without a controller."""

@@ -44,15 +44,18 @@ class StepReport(NamedTuple):
 
 
 def all_finite(norms: list[torch.Tensor]) -> torch.Tensor:
-    """True when every gradient norm is finite: the group-wide hygiene gate.
+    """True when every gradient norm is finite: the group-wide hygiene gate. ``norms``: 0-d tensors,
+    or vectors of them.
 
     A norm is non-finite when its gradient holds a NaN or inf, or when its
     squares overflow, which would poison ``v`` just the same.
     """
-    device = norms[0].device
-    if all(n.device == device for n in norms):
-        return torch.stack(norms).isfinite().all()
-    return torch.stack([n.isfinite().to(device) for n in norms]).all()
+    join = torch.stack if norms[0].dim() == 0 else torch.cat  # 0-d norms, or one vector per bucket
+    try:
+        return join(norms).isfinite().all()
+    except RuntimeError:  # norms on several devices (a model split across GPUs)
+        device = norms[0].device
+        return torch.stack([n.isfinite().all().to(device) for n in norms]).all()
 
 
 def buckets(params: list[torch.Tensor]) -> dict[tuple, list[int]]:

@@ -45,17 +45,19 @@ def multi_tensor_update(
     index_offsets = [0] * len(params) if index_offsets is None else index_offsets
     plans = bucket_plans(params, grads, states, layouts, hyper.schedule_free and fused, cache)
     if norms is None:
-        norms = bucket_norms(plans, params, grads)
-    finite, keep = gates(norms, control)
+        vectors = bucket_norm_vectors(plans, grads)
+    else:
+        vectors = [torch.stack([norms[i] for i in plan.idx]) for plan in plans]
+    finite, keep = gates(vectors, control)
 
     lrs, etas = [], []
-    for plan in plans:
+    for plan, norm in zip(plans, vectors):
         idx, device, dtype = plan.idx, plan.device, plan.dtype
         lr_t, eta = _update_bucket(
             plan,
             [params[i] for i in idx],
             [grads[i] for i in idx],
-            torch.stack([norms[i] for i in idx]),
+            norm,
             [states[i] for i in idx],
             [layouts[i] for i in idx],
             [fresh[i] for i in idx],
@@ -90,15 +92,24 @@ class BucketPlan:
             for k, vector in self.vectors.items():
                 for s, view in zip(states, vector.unbind()):
                     s[k] = view
-        self.held = [tuple(s.values()) for s in states] if bind else None
+        self.held = [s["step"] for s in states] if bind else None  # a load or a conversion replaces every entry
         self.native = None
         self.native_idx: list[int] = []
         self.rest_idx: list[int] = list(range(len(idx)))
 
+    def constants(self, h: Hyper) -> dict[str, torch.Tensor]:
+        """``weight_decay`` and ``eps`` as 0-d fp32 tensors on the bucket's device, made once per value."""
+        key = (h.weight_decay, h.eps)
+        if isinstance(h.weight_decay, torch.Tensor) or getattr(self, "_constants_key", None) != key:
+            self._constants_key = key
+            self._constants = {"weight_decay": torch.as_tensor(h.weight_decay, dtype=torch.float32, device=self.device),
+                               "eps": torch.full((), h.eps, dtype=torch.float32, device=self.device)}
+        return self._constants
+
     def holds(self, states) -> bool:
         """Whether ``states`` still hold exactly the tensors this plan was built on (no load, no conversion)."""
         return self.held is not None and len(states) == len(self.held) and all(
-            len(s) == len(h) and all(map(operator.is_, s.values(), h)) for s, h in zip(states, self.held))
+            map(operator.is_, map(operator.itemgetter("step"), states), self.held))
 
     def commit(self, states, new: dict[str, torch.Tensor], keep) -> None:
         """Write the per-tensor scalars of this step, keeping the old values on a skipped step."""
@@ -121,9 +132,9 @@ def bucket_plans(params, grads, states, layouts, native_ok: bool, cache: dict | 
     """
     compiling = torch.compiler.is_compiling()
     native_ok = native_ok and not compiling
-    key = "compiled plans" if compiling else "plans"
+    slot = "compiled plans" if compiling else "plans"
     if cache is not None:
-        plans = cache.get(key)
+        plans = cache.get(slot)
         if plans is not None and all(p.holds([states[i] for i in p.idx]) for p in plans):
             return plans
     plans = []
@@ -144,23 +155,40 @@ def bucket_plans(params, grads, states, layouts, native_ok: bool, cache: dict | 
                                           [layouts[idx[j]] for j in chosen])
         plans.append(plan)
     if cache is not None:
-        cache[key] = plans
+        cache[slot] = plans
     return plans
 
 
-def bucket_norms(plans: list[BucketPlan], params, grads) -> list[torch.Tensor]:
-    """Each gradient's 2-norm in its compute dtype: from the CPU kernel's block sums where it takes the
-    tensor (the same read of ``g`` gives both), else ``torch._foreach_norm``."""
-    norms: list[torch.Tensor] = [None] * len(params)  # type: ignore[list-item]
+def bucket_norm_vectors(plans: list[BucketPlan], grads) -> list[torch.Tensor]:
+    """Each bucket's gradient 2-norms as one vector, in its compute dtype: from the CPU kernel's block
+    sums where it takes the tensor (the same read of ``g`` gives both), else ``torch._foreach_norm``."""
+    vectors = []
     for plan in plans:
-        rest = [plan.idx[j] for j in plan.rest_idx]
-        if rest:
-            for i, n in zip(rest, torch._foreach_norm([grads[i] for i in rest], dtype=plan.dtype)):
-                norms[i] = n
+        sums = None
         if plan.native is not None:
-            chosen = [grads[plan.idx[j]] for j in plan.native_idx]
-            for j, n in zip(plan.native_idx, plan.native.row_sums(chosen).sqrt().to(plan.dtype).unbind()):
-                norms[plan.idx[j]] = n
+            sums = plan.native.row_sums([grads[plan.idx[j]] for j in plan.native_idx])
+        native_norms = None if sums is None else sums.sqrt().to(plan.dtype)
+        rest = plan.rest_idx if sums is not None else range(len(plan.idx))
+        if not rest:
+            vectors.append(native_norms)
+            continue
+        rest_norms = torch.stack(torch._foreach_norm([grads[plan.idx[j]] for j in rest], dtype=plan.dtype))
+        if native_norms is None:
+            vectors.append(rest_norms)
+            continue
+        vector = torch.empty(len(plan.idx), dtype=plan.dtype, device=plan.device)
+        vector[plan.native_idx] = native_norms
+        vector[plan.rest_idx] = rest_norms
+        vectors.append(vector)
+    return vectors
+
+
+def bucket_norms(plans: list[BucketPlan], params, grads) -> list[torch.Tensor]:
+    """:func:`bucket_norm_vectors`, as one 0-d tensor per tensor of ``params``."""
+    norms: list[torch.Tensor] = [None] * len(params)  # type: ignore[list-item]
+    for plan, vector in zip(plans, bucket_norm_vectors(plans, grads)):
+        for i, n in zip(plan.idx, vector.unbind()):
+            norms[i] = n
     return norms
 
 
@@ -240,22 +268,16 @@ def _update_bucket(plan: BucketPlan, params, grads, norm, states, layouts, fresh
 def _native_step(plan: BucketPlan, params, grads, h: Hyper, step, scalars, fresh) -> bool:
     """The CPU kernel's share of the bucket; False (nothing done) when a gradient no longer fits it."""
     chosen = plan.native_idx
-    if not all(native.eligible_grad(params[j], grads[j]) for j in chosen):
-        return False
+    pick = (lambda xs: [xs[j] for j in chosen]) if len(chosen) < len(params) else (lambda xs: xs)
     device = step.device
     sel = torch.tensor(chosen, dtype=torch.int64, device=device) if len(chosen) < len(params) else None
-    columns = {"weight_decay": torch.as_tensor(h.weight_decay, dtype=torch.float32, device=device),
-               "eps": torch.full((), h.eps, dtype=torch.float32, device=device), **scalars}
-    coef = torch.stack([(v if sel is None or not v.dim() else v[sel]).float().expand(len(chosen))
-                        for v in (columns[name] for name in native.COEFFICIENTS)], dim=1)
-    tensor_keys, steps = plan.vectors["rounding_key"], step
+    constants = plan.constants(h)
+    columns = [constants[name] if name in constants else scalars[name] for name in native.COEFFICIENTS]
+    tensor_keys = plan.vectors["rounding_key"]
     if sel is not None:
-        tensor_keys, steps = tensor_keys[sel], step[sel]
-    keys = torch.stack([rounding_keys(tensor_keys, steps, salt) for salt in (Salt.PARAM, Salt.Z_MINUS_Y,
-                                                                               Salt.EXP_AVG_SQ)], dim=1)
-    pick = (lambda xs: [xs[j] for j in chosen]) if sel is not None else (lambda xs: xs)
-    plan.native.update(pick(params), pick(grads), pick(fresh), coef, keys)
-    return True
+        columns = [c[sel] if c.dim() else c for c in columns]
+        tensor_keys, step = tensor_keys[sel], step[sel]
+    return plan.native.update(pick(params), pick(grads), pick(fresh), columns, step, tensor_keys)
 
 
 def _update_rest(params, grads, states, layouts, fresh, offsets, h: Hyper, dtype, step, scalars, fused,

@@ -30,6 +30,7 @@
 enum { F32 = 0, BF16 = 1, F16 = 2 };
 enum { WD, Y_OFFSET, Y_STEP, OFFSET_DECAY, OFFSET_STEP, V_WEIGHT, SQRT_BIAS2, EPS, N_COEF };
 enum { KEY_Y, KEY_OFFSET, KEY_V, N_KEY };
+enum { SALT_PARAM = 1, SALT_Z_MINUS_Y = 2, SALT_EXP_AVG_SQ = 4 }; /* precision.Salt */
 #define SEG 512
 #define GOLDEN 0x9E3779B9u
 
@@ -96,6 +97,17 @@ static void store(void *dst, int dt, int64_t at, int n, const float *in, uint32_
 #endif
 }
 
+/* fp32 storage is worked on in place; other dtypes through the fp32 buffer `buf`. */
+static inline float *work(void *src, int dt, int64_t at, int n, float *buf) {
+    if (dt == F32) return (float *)src + at;
+    load(src, dt, at, n, buf);
+    return buf;
+}
+
+static inline void put(void *dst, int dt, int64_t at, int n, const float *w, uint32_t key) {
+    if (dt != F32) store(dst, dt, at, n, w, key);
+}
+
 static inline float finite_square(float s) {
     return s != s ? 0.0f : (s > FLT_MAX ? FLT_MAX : s);
 }
@@ -136,16 +148,14 @@ void refadamw_row_sums(const int64_t *g, const int32_t *g_dt, const int64_t *row
         if (per_element[t]) {
             for (int64_t at = r0[i]; at < r1[i]; at += SEG) {
                 int n = (int)(r1[i] - at < SEG ? r1[i] - at : SEG);
-                load(gp, g_dt[t], at, n, buf);
-                acc += sum_squares(buf, n);
+                acc += sum_squares(work((void *)gp, g_dt[t], at, n, buf), n);
             }
         } else {
             for (int64_t r = r0[i]; r < r1[i]; r++) {
                 double row = 0.0;
                 for (int64_t j = 0; j < c; j += SEG) {
                     int n = (int)(c - j < SEG ? c - j : SEG);
-                    load(gp, g_dt[t], r * c + j, n, buf);
-                    row += sum_squares(buf, n);
+                    row += sum_squares(work((void *)gp, g_dt[t], r * c + j, n, buf), n);
                 }
                 sq[sq_at[t] + r] = (float)row;
                 acc += row;
@@ -157,22 +167,42 @@ void refadamw_row_sums(const int64_t *g, const int32_t *g_dt, const int64_t *row
     for (int64_t i = 0; i < n_items; i++) tensor_sum[item_t[i]] += item_sum[i];
 }
 
-static void step_segment(float *y, const float *g, float *offset, const float *denom, int denom_step, int n,
-                         const float *k) {
-    for (int j = 0; j < n; j++) {
-        float gj = fabsf(g[j]) <= FLT_MAX ? g[j] : 0.0f;
-        float d = gj / denom[j * denom_step];
-        d = d + k[WD] * y[j];
-        float yj = y[j] + offset[j] * k[Y_OFFSET];
-        y[j] = yj + d * k[Y_STEP];
-        offset[j] = offset[j] * k[OFFSET_DECAY] + d * k[OFFSET_STEP];
+/* The elementwise step over n elements: common.schedule_free_step's operations, in its order. DENOM(j)
+ * is the denominator of element j: one value per block, or one per element. */
+#define STEP_SEGMENT(DENOM)                                                   \
+    for (int j = 0; j < n; j++) {                                             \
+        float gj = fabsf(g[j]) <= FLT_MAX ? g[j] : 0.0f;                      \
+        float d = gj / (DENOM);                                               \
+        d = d + y[j] * k[WD];                                                 \
+        float yj = y[j] + offset[j] * k[Y_OFFSET];                            \
+        y[j] = yj + d * k[Y_STEP];                                            \
+        offset[j] = offset[j] * k[OFFSET_DECAY] + d * k[OFFSET_STEP];         \
     }
+
+static void step_block(float *restrict y, const float *restrict g, float *restrict offset, float denom, int n,
+                       const float *restrict k) {
+    STEP_SEGMENT(denom)
 }
 
+static void step_elements(float *restrict y, const float *restrict g, float *restrict offset,
+                          const float *restrict denom, int n, const float *restrict k) {
+    STEP_SEGMENT(denom[j])
+}
+
+/* precision.rounding_keys for one tensor and buffer: mix32(tensor_key ^ mix32(step*G + salt*A)). */
+static inline uint32_t rounding_key(int32_t tensor_key, int64_t step, uint32_t salt) {
+    uint32_t counter = (uint32_t)(int32_t)step * GOLDEN + salt * 0x7FEB352Du;
+    return mix32((uint32_t)tensor_key ^ mix32(counter));
+}
+
+/* coef_cols[c]: column c of the per-tensor coefficients (COEF order), read at t * coef_strides[c]
+ * (stride 0: one value for every tensor). steps, tensor_keys: each tensor's step after this update
+ * and its rounding key, from which the keys of the three writes are derived as precision.py does. */
 void refadamw_update(const int64_t *y, const int64_t *g, const int64_t *offset, const int64_t *v,
                      const int32_t *y_dt, const int32_t *g_dt, const int32_t *offset_dt, const int32_t *v_dt,
                      const int64_t *rows, const int64_t *cols, const int64_t *sq_at, const int8_t *per_element,
-                     const int8_t *fresh, const float *coef, const int32_t *keys, const float *sq, int64_t n_items,
+                     const int8_t *fresh, const int64_t *coef_cols, const int64_t *coef_strides,
+                     const int64_t *steps, const int32_t *tensor_keys, const float *sq, int64_t n_items,
                      const int64_t *item_t, const int64_t *r0, const int64_t *r1, int threads,
                      int64_t parallel_numel) {
     int64_t total = 0;
@@ -180,8 +210,11 @@ void refadamw_update(const int64_t *y, const int64_t *g, const int64_t *offset, 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (total >= parallel_numel)
     for (int64_t i = 0; i < n_items; i++) {
         int64_t t = item_t[i], c = cols[t];
-        const float *k = coef + t * N_COEF;
-        const int32_t *key = keys + t * N_KEY;
+        float k[N_COEF];
+        for (int j = 0; j < N_COEF; j++) k[j] = ((const float *)coef_cols[j])[t * coef_strides[j]];
+        uint32_t key[N_KEY] = {rounding_key(tensor_keys[t], steps[t], SALT_PARAM),
+                               rounding_key(tensor_keys[t], steps[t], SALT_Z_MINUS_Y),
+                               rounding_key(tensor_keys[t], steps[t], SALT_EXP_AVG_SQ)};
         void *yp = (void *)y[t], *op = (void *)offset[t], *vp = (void *)v[t];
         const void *gp = (const void *)g[t];
         float yb[SEG], gb[SEG], ob[SEG], vb[SEG];
@@ -195,13 +228,12 @@ void refadamw_update(const int64_t *y, const int64_t *g, const int64_t *offset, 
                     load(vp, v_dt[t], at, n, vb);
                     for (int j = 0; j < n; j++) vb[j] = lerp(vb[j], finite_square(gb[j] * gb[j]), k[V_WEIGHT]);
                 }
-                store(vp, v_dt[t], at, n, vb, (uint32_t)key[KEY_V]);
+                store(vp, v_dt[t], at, n, vb, key[KEY_V]);
                 for (int j = 0; j < n; j++) vb[j] = sqrtf(vb[j]) / k[SQRT_BIAS2] + k[EPS];
-                load(yp, y_dt[t], at, n, yb);
-                load(op, offset_dt[t], at, n, ob);
-                step_segment(yb, gb, ob, vb, 1, n, k);
-                store(yp, y_dt[t], at, n, yb, (uint32_t)key[KEY_Y]);
-                store(op, offset_dt[t], at, n, ob, (uint32_t)key[KEY_OFFSET]);
+                float *yw = work(yp, y_dt[t], at, n, yb), *ow = work(op, offset_dt[t], at, n, ob);
+                step_elements(yw, gb, ow, vb, n, k);
+                put(yp, y_dt[t], at, n, yw, key[KEY_Y]);
+                put(op, offset_dt[t], at, n, ow, key[KEY_OFFSET]);
             }
             continue;
         }
@@ -213,17 +245,16 @@ void refadamw_update(const int64_t *y, const int64_t *g, const int64_t *offset, 
                 load(vp, v_dt[t], r, 1, &vr);
                 vr = lerp(vr, s, k[V_WEIGHT]);
             }
-            store(vp, v_dt[t], r, 1, &vr, (uint32_t)key[KEY_V]);
+            store(vp, v_dt[t], r, 1, &vr, key[KEY_V]);
             float denom = sqrtf(vr) / k[SQRT_BIAS2] + k[EPS];
             for (int64_t j = 0; j < c; j += SEG) {
                 int n = (int)(c - j < SEG ? c - j : SEG);
                 int64_t at = r * c + j;
-                load(gp, g_dt[t], at, n, gb);
-                load(yp, y_dt[t], at, n, yb);
-                load(op, offset_dt[t], at, n, ob);
-                step_segment(yb, gb, ob, &denom, 0, n, k);
-                store(yp, y_dt[t], at, n, yb, (uint32_t)key[KEY_Y]);
-                store(op, offset_dt[t], at, n, ob, (uint32_t)key[KEY_OFFSET]);
+                const float *gw = work((void *)gp, g_dt[t], at, n, gb);
+                float *yw = work(yp, y_dt[t], at, n, yb), *ow = work(op, offset_dt[t], at, n, ob);
+                step_block(yw, gw, ow, denom, n, k);
+                put(yp, y_dt[t], at, n, yw, key[KEY_Y]);
+                put(op, offset_dt[t], at, n, ow, key[KEY_OFFSET]);
             }
         }
     }

@@ -109,7 +109,7 @@ def _load():
                        str(detail).strip()[:500])
         return None
     library.refadamw_row_sums.argtypes = [_P] * 6 + [_I64, _P, _P, _P, _P, _P, _I64, _P, ctypes.c_int, _I64]
-    library.refadamw_update.argtypes = [_P] * 16 + [_I64, _P, _P, _P, ctypes.c_int, _I64]
+    library.refadamw_update.argtypes = [_P] * 18 + [_I64, _P, _P, _P, ctypes.c_int, _I64]
     library.refadamw_stochastic_round.argtypes = [_P, _I64, ctypes.c_int, ctypes.c_int32, _P]
     global _storable_dtypes
     _storable_dtypes = frozenset(DTYPE_CODES) if library.refadamw_has_f16() else frozenset(DTYPE_CODES) - {
@@ -194,11 +194,18 @@ class Plan:
         self.y_codes = _codes(params)
         self.not_fresh = torch.zeros(n, dtype=torch.int8)
         self._keep = (offsets, vs)  # the buffers whose pointers are held
+        self._grads = None
 
-    def row_sums(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        """Each gradient's sum of squares (fp64, ``(n,)``); the block sums stay in the plan for :meth:`update`."""
+    def row_sums(self, grads: list[torch.Tensor]) -> torch.Tensor | None:
+        """Each gradient's sum of squares (fp64, ``(n,)``), or None when a gradient does not fit the
+        kernel this step (another dtype, not contiguous). The block sums stay in the plan for :meth:`update`."""
+        codes = [DTYPE_CODES.get(g.dtype, -1) if g.is_contiguous() else -1 for g in grads]
+        if -1 in codes or (2 in codes and torch.float16 not in _storable_dtypes):
+            self._grads = None
+            return None
         self._grads = list(grads)
-        self._g_ptrs, self._g_codes = _ptrs(grads), _codes(grads)
+        self._g_ptrs = _ptrs(grads)
+        self._g_codes = torch.tensor(codes, dtype=torch.int32)
         item_t, r0, r1 = self.items
         self.lib.refadamw_row_sums(
             self._g_ptrs.data_ptr(), self._g_codes.data_ptr(), self.rows.data_ptr(), self.cols.data_ptr(),
@@ -207,14 +214,25 @@ class Plan:
             torch.get_num_threads(), PARALLEL_NUMEL)
         return self.tensor_sum
 
-    def update(self, params, grads, fresh: list[bool], coef: torch.Tensor, keys: torch.Tensor) -> None:
-        """The step, in place. ``coef``: fp32 ``(n, 8)`` in :data:`COEFFICIENTS` order; ``keys``: int32
-        ``(n, 3)`` rounding keys of ``y``, ``δ`` and ``v``. Reads the block sums of the last :meth:`row_sums`
-        on these gradients."""
-        summed = getattr(self, "_grads", None)
+    def update(self, params, grads, fresh: list[bool], columns: list[torch.Tensor], steps: torch.Tensor,
+               tensor_keys: torch.Tensor) -> bool:
+        """The step, in place; False (nothing written) when a gradient or parameter does not fit the
+        kernel this step. ``columns``: the per-tensor coefficients in :data:`COEFFICIENTS` order, each
+        a vector of one value per tensor or a 0-d tensor for all; ``steps`` (int64) and ``tensor_keys``
+        (int32): each tensor's step after this update and its rounding key, from which the kernel
+        derives the rounding keys of its writes. Reads the block sums of the last :meth:`row_sums` on
+        these gradients (computed here otherwise)."""
+        summed = self._grads
         if summed is None or len(summed) != len(grads) or not all(map(operator.is_, summed, grads)):
-            self.row_sums(grads)
-        coef, keys = coef.contiguous(), keys.contiguous()
+            if self.row_sums(grads) is None:
+                return False
+        self._grads = None
+        if not all(p.is_contiguous() for p in params):  # p.data replaced by a strided tensor
+            return False
+        columns = [c.to(torch.float32).contiguous() for c in columns]
+        column_ptrs = _ptrs(columns)
+        strides = torch.tensor([1 if c.dim() else 0 for c in columns], dtype=torch.int64)
+        steps, tensor_keys = steps.contiguous(), tensor_keys.to(torch.int32).contiguous()
         fresh_flags = torch.tensor(fresh, dtype=torch.int8) if any(fresh) else self.not_fresh
         item_t, r0, r1 = self.items
         y_ptrs = _ptrs(params)
@@ -222,6 +240,7 @@ class Plan:
             y_ptrs.data_ptr(), self._g_ptrs.data_ptr(), self.offset_ptrs.data_ptr(), self.v_ptrs.data_ptr(),
             self.y_codes.data_ptr(), self._g_codes.data_ptr(), self.offset_codes.data_ptr(), self.v_codes.data_ptr(),
             self.rows.data_ptr(), self.cols.data_ptr(), self.sq_at.data_ptr(), self.per_element.data_ptr(),
-            fresh_flags.data_ptr(), coef.data_ptr(), keys.data_ptr(), self.sq.data_ptr(), self.n_items,
-            item_t.data_ptr(), r0.data_ptr(), r1.data_ptr(), torch.get_num_threads(), PARALLEL_NUMEL)
-        self._grads = None
+            fresh_flags.data_ptr(), column_ptrs.data_ptr(), strides.data_ptr(), steps.data_ptr(),
+            tensor_keys.data_ptr(), self.sq.data_ptr(), self.n_items, item_t.data_ptr(), r0.data_ptr(), r1.data_ptr(),
+            torch.get_num_threads(), PARALLEL_NUMEL)
+        return True
