@@ -43,32 +43,44 @@ def step_times(
         for _ in range(3):
             opt.step()
         setups[name] = opt
-    samples: dict[str, list[float]] = {name: [] for name in makers}
-    for _ in range(rounds):
-        for name, opt in setups.items():
-            start = time.perf_counter()
-            for _ in range(steps_per_round):
-                opt.step()
-            samples[name].append((time.perf_counter() - start) / steps_per_round)
+    medians = interleaved_medians({name: opt.step for name, opt in setups.items()}, rounds, steps_per_round)
     n_params = layers * (width * width + width)
     return {
-        name: {"median_s": statistics.median(samples[name]), "params": n_params,
+        name: {"median_s": medians[name], "params": n_params,
                "state_bytes_per_param": state_bytes_per_param(setups[name])}
         for name in makers
     }
 
 
-def copy_bandwidth_gbs(numel: int = 1 << 26, rounds: int = 9) -> float:
+def interleaved_medians(steps: dict[str, Callable[[], object]], rounds: int, steps_per_round: int,
+                        sync: Callable[[], object] = lambda: None) -> dict[str, float]:
+    """Median seconds per call of each ``steps[name]()``, timed round by round in turn.
+
+    Interleaving makes slow drift of the machine (another process, clock
+    changes) hit every contender alike instead of whichever ran last.
+    ``sync`` waits for queued device work (``torch.cuda.synchronize``), so a
+    round times the work and not only its launch.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            sync()
+            start = time.perf_counter()
+            for _ in range(steps_per_round):
+                step()
+            sync()
+            samples[name].append((time.perf_counter() - start) / steps_per_round)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def copy_bandwidth_gbs(numel: int = 1 << 26, rounds: int = 9, device: str = "cpu") -> float:
     """Memory bandwidth of a plain fp32 copy (bytes read + written per second, in GB/s), median."""
-    src = torch.randn(numel)
+    src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)  # first touch of dst's pages
-    samples = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        dst.copy_(src)
-        samples.append(time.perf_counter() - start)
-    return 2 * numel * src.element_size() / statistics.median(samples) / 1e9
+    sync = torch.cuda.synchronize if src.is_cuda else (lambda: None)
+    median = interleaved_medians({"copy": lambda: dst.copy_(src)}, rounds, 1, sync)["copy"]
+    return 2 * numel * src.element_size() / median / 1e9
 
 
 def low_precision_drift(state_dtype: str, *, lr: float = 1e-5, steps: int = 100, layers: int = 2,
