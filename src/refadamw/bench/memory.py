@@ -6,6 +6,14 @@ the model and its gradients are allocated first, the mark is reset to the
 current resident set and read, then the optimizer is built and stepped, and
 the growth of the mark is what the optimizer cost (its state plus any
 temporaries its ``step()`` allocates).
+
+:func:`transient_peak_bytes` isolates the temporaries: the peak of the bytes
+allocated and not yet freed inside one ``step()``, beyond what was allocated
+before it. On CUDA the caching allocator counts that peak itself; on CPU
+nothing does, so the step runs under the profiler with ``profile_memory``,
+which records every allocation and free with its size, and the peak of
+their running sum is taken. That sum counts tensors (not pages), and a
+steady-state step allocates no state, so it is the step's scratch memory.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import json
 import resource
 import subprocess
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -104,3 +113,30 @@ def peak_memory(names: list[str], layers: int = 48, width: int = 1024) -> list[d
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return results
+
+
+def transient_peak_bytes(step: Callable[[], object], device: str = "cpu") -> int:
+    """Peak bytes that one call of ``step()`` holds allocated beyond what existed before it."""
+    if device != "cpu":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return max(0, torch.cuda.max_memory_allocated() - before)
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    nodes, sizes = list(prof.profiler.kineto_results.experimental_event_tree()), []
+    while nodes:  # allocations are leaves under the op that made them, or at the top when made outside any op
+        node = nodes.pop()
+        nodes.extend(node.children)
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            sizes.append((node.start_time_ns, node.extra_fields.alloc_size))  # a free has a negative size
+    held = peak = 0
+    for _, size in sorted(sizes):
+        held += size
+        peak = max(peak, held)
+    return peak
