@@ -29,7 +29,7 @@ from .. import AdamWMiniSF
 from . import runner
 from .clipping import make_clip
 from .measure import copy_bandwidth_gbs, linear_stack, state_bytes_per_param, step_times
-from .optimizers import NAMES, MissingPeer, build
+from .optimizers import NAMES, MissingPeer, build, training
 from .progress import Progress
 from .workloads.base import MissingData
 
@@ -156,7 +156,7 @@ def step_benchmark(optimizers: tuple[str, ...], skipped: dict[str, str]) -> dict
             if name in skipped or name in ("adamw_cosine", "adamw_constant"):  # they are AdamW foreach
                 continue
             make = build(name, None, 1000, info={"dim": STEP_WIDTH, "n_heads": 8})[0]
-            makers[name] = lambda params, make=make: _training(make(_ParamsModule(list(params))))
+            makers[name] = lambda params, make=make: training(make(_ParamsModule(list(params))))
         times = step_times(makers, layers=STEP_LAYERS, width=STEP_WIDTH, rounds=9, steps_per_round=3)
         bandwidth = copy_bandwidth_gbs()
     finally:
@@ -181,13 +181,6 @@ def ours_bytes_moved_per_param() -> float:
     """Bytes one default step moves per fp32 parameter: g read twice (the block sums of squares, which
     give the norm too, and the update), y read and written (fp32), z − y read and written (bf16)."""
     return 2 * 4 + 2 * 4 + 2 * 2
-
-
-def _training(optimizer):
-    """Schedule-Free optimizers (schedulefree's) must be put in train mode before stepping."""
-    if callable(getattr(optimizer, "train", None)):
-        optimizer.train()
-    return optimizer
 
 
 class _ParamsModule(torch.nn.Module):

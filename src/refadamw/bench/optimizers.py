@@ -32,6 +32,13 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def training(optimizer):
+    """Put a Schedule-Free optimizer (schedulefree's) in train mode, as it must be before stepping."""
+    if callable(getattr(optimizer, "train", None)):
+        optimizer.train()
+    return optimizer
+
+
 NAMES = ("refadamw", "adamw_mini_sf", "adamw_cosine", "adamw_constant", "schedulefree", "adam_mini", "seed_legacy")
 """Every optimizer :func:`build` knows, in the order reports list them."""
 
