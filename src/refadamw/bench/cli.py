@@ -16,8 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--readme", default=None, help="rewrite the results block of this README")
     demo.add_argument("--sweep", action="store_true", help="run the defaults sweep instead (a few minutes)")
     bench = sub.add_parser("bench", help="compare the optimizers on the embedded workloads (the main job)")
-    bench.add_argument("--suite", choices=["main", "precision", "controller", "ladder", "seed", "lora"], default="main",
-                       help="main (default): every optimizer, tuned; the others study one feature")
+    bench.add_argument("--suite", choices=["main", "precision", "controller", "ladder", "seed", "lora", "step"],
+                       default="main", help="main (default): every optimizer, tuned; the others study one feature")
     bench.add_argument("--quick", action="store_true", help="small models and short runs (about 2 minutes)")
     bench.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default: 1 quick, 2 full)")
     bench.add_argument("--workloads", default="shakespeare,fashion_mnist,friedman",
@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="main suite: comma-separated optimizers (default: all of them)")
     bench.add_argument("--out", default=None,
                        help="folder for the results (main suite: results.json, results.md and PNG curves; "
-                            "default bench-results); other suites: <suite>.json and <suite>.md")
+                            "default bench-results); other suites: <suite>.json, <suite>.md (step: and step.png)")
+    bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                       help="step suite: build the models and gradients on this device (default cpu)")
     bench.add_argument("--doc", default=None,
                        help="rewrite the <!-- <suite>:start/end --> block of this Markdown file with the report")
     bench.add_argument("--readme", default=None, help="main suite: rewrite the <!-- bench:start/end --> block")
@@ -68,6 +70,13 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error("--seeds must be >= 1")
     if args.suite != "main" and (args.optimizers or args.readme or args.benchmarks or args.render):
         parser.error("--optimizers, --readme, --benchmarks and --render belong to the main suite")
+    if args.device != "cpu":
+        if args.suite != "step":
+            parser.error("--device belongs to the step suite")
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error(f"--device cuda: no CUDA device is available to this torch ({torch.__version__})")
     if args.suite == "main":
         optimizers = tuple(o for o in (args.optimizers or ",".join(NAMES)).split(",") if o)
         bad = [o for o in optimizers if o not in NAMES]
@@ -76,13 +85,18 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if "adamw_cosine" not in optimizers:
             parser.error("--optimizers must include adamw_cosine, the baseline every ratio is taken against")
         return _main_job(args, tuple(range(seeds)), workloads, optimizers)
-    data, report = suites.run(args.suite, args.quick, tuple(range(seeds)), workloads)
+    data, report = suites.run(args.suite, args.quick, tuple(range(seeds)), workloads, device=args.device)
     print(report)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{args.suite}.json").write_text(json.dumps(data, indent=1))
         (out / f"{args.suite}.md").write_text(report + "\n")
+        if args.suite in suites.FIGURES:
+            try:
+                print(f"wrote {suites.FIGURES[args.suite](data, out)}")
+            except ImportError:
+                print("no PNG figure: matplotlib is missing (pip install 'refadamw[bench]')")
     if args.doc:
         from .demo import replace_block
 

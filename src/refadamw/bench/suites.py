@@ -8,6 +8,9 @@
 * ``ladder``: repair policies (skip level, pull ladder ρ, pull delay) against spikes.
 * ``lora`` (:mod:`refadamw.bench.lora`): second-moment blocks against
   per-element ``v`` for LoRA factors.
+* ``step`` (:mod:`refadamw.bench.step`): ``step()`` speed, transient memory,
+  bandwidth share and compile time at four real model shapes; the only
+  suite that runs on ``--device cuda``.
 
 Every optimizer runs at the best lr of a small grid (seed 0, reported), then
 over all seeds at that lr. Quality runs use one thread; timings use two.
@@ -27,6 +30,8 @@ from .lora import lora
 from .memory import peak_memory
 from .measure import linear_stack, low_precision_drift, state_bytes_per_param, step_times
 from .optimizers import MissingPeer, build
+from .step import figure as step_figure
+from .step import step
 
 LR_GRIDS = {"refadamw": (3e-3, 1e-2, 2e-2), "schedulefree": (3e-3, 1e-2, 2e-2), "adamw_cosine": (1e-3, 3e-3, 1e-2)}
 SPIKE_FACTOR, SPIKE_STEPS = 1000.0, 3
@@ -46,8 +51,8 @@ def _spread(values: list[float]) -> float:
 class Bench:
     """Runs (workload, optimizer, lr, options, seed) and remembers the best lr per (workload, optimizer)."""
 
-    def __init__(self, quick: bool, seeds: tuple[int, ...], log: Callable[[str], None] = print):
-        self.quick, self.seeds, self.log = quick, seeds, log
+    def __init__(self, quick: bool, seeds: tuple[int, ...], log: Callable[[str], None] = print, device: str = "cpu"):
+        self.quick, self.seeds, self.log, self.device = quick, seeds, log, device
         self.best_lr: dict[tuple[str, str], float] = {}
         self.grid: dict[str, dict] = {}
 
@@ -307,12 +312,16 @@ def seed(bench: Bench, workloads: tuple[str, ...]) -> tuple[dict, str]:
     return out, "\n".join(report)
 
 
-SUITES = {"precision": precision, "controller": controller, "ladder": ladder, "seed": seed, "lora": lora}
+SUITES = {"precision": precision, "controller": controller, "ladder": ladder, "seed": seed, "lora": lora,
+          "step": step}
+FIGURES = {"step": step_figure}
+"""Suite → ``figure(data, out_folder)``, writing its PNG (ImportError without matplotlib)."""
 
 
-def run(suite: str, quick: bool, seeds: tuple[int, ...], workloads: tuple[str, ...]) -> tuple[dict, str]:
+def run(suite: str, quick: bool, seeds: tuple[int, ...], workloads: tuple[str, ...],
+        device: str = "cpu") -> tuple[dict, str]:
     torch.set_num_threads(1)
-    bench = Bench(quick, seeds)
+    bench = Bench(quick, seeds, device=device)
     start = time.perf_counter()
     data, report = SUITES[suite](bench, workloads)
     data.update(suite=suite, quick=quick, seeds=list(seeds), workloads=list(workloads), lr_grid=bench.grid,
