@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,3 +129,17 @@ def test_device_belongs_to_the_step_suite(capsys):
         cli.main(["bench", "--suite", "precision", "--device", "cuda"])
     assert "--device belongs to the step suite" in capsys.readouterr().err
 
+
+def test_benchmarks_writer_keeps_the_step_block(tmp_path):
+    results = Path(__file__).parents[1] / "docs" / "bench" / "results.json"
+    shutil.copy(results, tmp_path / "results.json")
+    benchmarks = tmp_path / "BENCHMARKS.md"
+    block = "<!-- step:start -->\n### optimizer.step() speed\n\n| a | b |\n<!-- step:end -->"
+    benchmarks.write_text(f"# Benchmarks\n\nstale generated text\n\n{block}\n")
+    argv = ["bench", "--render", str(tmp_path / "results.json"), "--benchmarks", str(benchmarks)]
+    assert cli.main(argv) == 0
+    text = benchmarks.read_text()
+    assert "stale generated text" not in text and "### Results" in text
+    assert text.endswith(f"\n{block}\n") and text.count("<!-- step:start -->") == 1
+    assert cli.main(argv) == 0
+    assert benchmarks.read_text() == text  # rewriting again changes nothing

@@ -161,7 +161,11 @@ def _main_job(args, seeds, workloads, optimizers) -> int:
         quick = data["quick"]
         flags = ((" --quick" if quick else "") + (f" --seeds {len(seeds)}" if len(seeds) != (1 if quick else 2) else "")
                  + f" --out {out}")
-        Path(args.benchmarks).write_text(BENCHMARKS_HEADER.format(flags=flags) + text + "\n")
+        from .demo import blocks
+
+        path = Path(args.benchmarks)
+        kept = blocks(path.read_text()) if path.exists() else []  # other suites' tables (--suite step --doc)
+        path.write_text(BENCHMARKS_HEADER.format(flags=flags) + text + "\n" + "".join(f"\n{b}\n" for b in kept))
     return 0
 
 

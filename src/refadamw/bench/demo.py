@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import statistics
 from pathlib import Path
 
@@ -62,6 +63,11 @@ def replace_block(path: str, name: str, text: str) -> None:
     head, rest = content.split(start, 1)
     _, tail = rest.split(end, 1)
     Path(path).write_text(f"{head}{start}\n{text.strip()}\n{end}{tail}")
+
+
+def blocks(content: str) -> list[str]:
+    """Every ``<!-- name:start -->`` … ``<!-- name:end -->`` block in ``content``, markers included, in order."""
+    return [m.group(0) for m in re.finditer(r"<!-- ([\w-]+):start -->.*?<!-- \1:end -->", content, re.S)]
 
 
 def update_readme(path: str, table: str) -> None:
