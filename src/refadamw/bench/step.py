@@ -245,11 +245,19 @@ def compile_times(spec: dict, device: str = "cpu", timeout: float = COMPILE_TIME
 
 # ----------------------------------------------------------------------------- the suite
 
+def _load() -> float | None:
+    """The 1-minute load average: timings on a machine busy with other work are not the optimizer's."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
 def step(bench, workloads: tuple[str, ...]) -> tuple[dict, str]:
     """The suite (``workloads`` and seeds are not used: the models are its own)."""
     device = bench.device
     rounds, per_round = ROUNDS[(device, bench.quick)]
-    threads = torch.get_num_threads()
+    threads, load_before = torch.get_num_threads(), _load()
     torch.set_num_threads(2)
     try:
         bandwidth = copy_bandwidth_gbs(device=device)
@@ -258,6 +266,7 @@ def step(bench, workloads: tuple[str, ...]) -> tuple[dict, str]:
                 for name, spec in shapes.MODELS.items()]
     finally:
         torch.set_num_threads(threads)
+    load = [load_before, _load()]  # around the timings, not the compile probes (which load the machine)
     # --quick: one compile probe, on the smallest model (with dynamic shapes the graphs barely depend on it)
     probed = {min(rows, key=lambda r: r["params"])["model"]} if bench.quick else set(shapes.MODELS)
     budget, start = COMPILE_BUDGET_S[device], time.perf_counter()
@@ -272,7 +281,8 @@ def step(bench, workloads: tuple[str, ...]) -> tuple[dict, str]:
         row["compile"] = compile_times(row["spec"], device, timeout=min(left, COMPILE_TIMEOUT_S))
     data = {"device": device, "torch": torch.__version__, "rounds": rounds, "steps_per_round": per_round,
             "threads": 2 if device == "cpu" else None, "copy_bandwidth_gbs": bandwidth, "models": rows,
-            "refadamw_compile_env": os.environ.get("REFADAMW_COMPILE")}
+            "refadamw_compile_env": os.environ.get("REFADAMW_COMPILE"), "cpus": os.cpu_count(),
+            "load_average": load}
     return data, markdown(data)
 
 
@@ -298,6 +308,9 @@ def markdown(data: dict) -> str:
 
     head = ["model", "tensors", "params", *labels]
     where = (f"{data['device']}, {data['threads']} threads" if data["threads"] else data["device"])
+    load = data.get("load_average") or [None]
+    if None not in load:
+        where += f"; load average {load[0]:.1f} before the timings, {load[1]:.1f} after, {data['cpus']} CPUs"
     lines = ["### optimizer.step() speed", "",
              f"`refadamw bench --suite step` ({where}, torch {data['torch']}): median of {data['rounds']} "
              f"interleaved rounds of {data['steps_per_round']} step(s), fixed random gradients; "
