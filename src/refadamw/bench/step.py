@@ -321,7 +321,7 @@ def markdown(data: dict) -> str:
              table(head, models(lambda o: f"{o['transient_bytes_per_param']:.3g}")), "",
              f"Nominal bytes a step must move per parameter, and the share of the copy bandwidth "
              f"({data['copy_bandwidth_gbs']:.1f} GB/s) it reaches: (nominal bytes ÷ bandwidth) ÷ measured time:", "",
-             table(head, models(lambda o: f"{o['nominal_bytes_per_param']:.3g} B · {o['copy_bandwidth_pct']:.2g}%")),
+             table(head, models(lambda o: f"{o['nominal_bytes_per_param']:.3g} B · {o['copy_bandwidth_pct']:.3g}%")),
              "", f"First `step()` of {OURS} in a fresh process, seconds; compile = first step − median later step "
              "(cold: empty compiler caches; warm: the caches the cold run left):", "",
              table(["model", "cold first step", "cold compile", "warm first step", "warm compile"],
