@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from refadamw import AdamWMiniSF, precision
-from refadamw.kernels import native
+from refadamw.kernels import foreach, native
 from refadamw.partition import block_layout
 
 pytestmark = pytest.mark.skipif(not native.available() or native.library() is None,
@@ -182,3 +182,44 @@ def test_a_checkpoint_with_float_counters_loads():
     assert (state["step"].dtype, state["weight_sum"].dtype, state["exp_avg_sq"].dtype) == \
         (torch.int64, torch.float64, torch.float32)
     assert state["step"].item() == 3
+
+
+def _linears_run(steps, nan_at=None, **options):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Linear(64, 16))
+    opt = AdamWMiniSF(model.parameters(), lr=1e-2, weight_decay=0.1, warmup_steps=1, **options)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen)
+        if step == nan_at:
+            model[1].bias.grad[3] = float("nan")
+        opt.step()
+    return model, opt
+
+
+def test_the_one_call_step_is_the_two_call_step_bit_for_bit(monkeypatch):
+    calls = []
+    real = foreach.one_call_step
+    monkeypatch.setattr(foreach, "one_call_step", lambda *a: calls.append(1) or real(*a))
+    one, _ = _linears_run(4, nan_at=2)
+    assert len(calls) == 3  # every step after the first (fresh state takes two calls)
+    monkeypatch.setattr(foreach, "one_call_step", lambda *a: None)
+    two, _ = _linears_run(4, nan_at=2)
+    for p, q in zip(one.parameters(), two.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_the_one_call_step_writes_nothing_on_a_non_finite_gradient():
+    model, opt = _linears_run(2)
+    before = [p.detach().clone() for p in model.parameters()]
+    state = [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    model[0].weight.grad[5, 7] = float("inf")
+    opt.step()
+    assert opt.stats()["skipped_steps"].item() == 1
+    for p, b, s in zip(model.parameters(), before, state):
+        assert torch.equal(p, b)
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, s[k]), k

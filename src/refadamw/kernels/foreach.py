@@ -44,6 +44,11 @@ def multi_tensor_update(
     there (the states' scalars become views of those vectors)."""
     index_offsets = [0] * len(params) if index_offsets is None else index_offsets
     plans = bucket_plans(params, grads, states, layouts, hyper.schedule_free and fused, cache)
+    if (norms is None and control is None and not hyper.auto_lr and len(plans) == 1 and plans[0].native is not None
+            and not plans[0].rest_idx and not any(fresh)):
+        report = one_call_step(plans[0], params, grads, states, hyper)
+        if report is not None:
+            return report
     if norms is None:
         vectors = bucket_norm_vectors(plans, grads)
     else:
@@ -222,19 +227,21 @@ def _rounding_keys(tensor_keys, step, salt: Salt, targets, dtype, offsets) -> li
     return [shift_key(key, offset) for key, offset in zip(keys, offsets)]
 
 
-def _update_bucket(plan: BucketPlan, params, grads, norm, states, layouts, fresh, offsets, h: Hyper, keep, dtype,
-                   ref, fused=False):
+def _step_scalars(plan: BucketPlan, norm, h: Hyper, keep, dtype, ref):
+    """This step's per-tensor scalars as vectors: ``(new, scalars, lr_t, eta)``, ``new`` the state to
+    commit (the norm EMA only when ``norm`` is given), ``scalars`` the kernels' coefficients."""
     keep_f = keep.to(dtype)
     zero = torch.zeros((), dtype=dtype, device=keep.device)
-
-    # Per-tensor scalars, as one vector per bucket.
     old = plan.vectors
     new = {"step": old["step"] + keep.to(old["step"].dtype)}
     step = new["step"]
     step_f = step.to(dtype)
     lr_t = h.lr * warmup_factor(step_f, h.warmup_steps)
-    ema = new["grad_norm_ema"] = update_norm_ema(old["grad_norm_ema"], norm, step == 1, h.norm_ema_alpha)
-    eta = step_size(lr_t, ema, norm, h.min_lr, h.max_lr) if h.auto_lr else lr_t
+    eta = lr_t
+    if norm is not None:
+        ema = new["grad_norm_ema"] = update_norm_ema(old["grad_norm_ema"], norm, step == 1, h.norm_ema_alpha)
+        if h.auto_lr:
+            eta = step_size(lr_t, ema, norm, h.min_lr, h.max_lr)
     eta = torch.where(keep, eta, zero)
     scalars = {
         "v_weight": (1 - h.beta2) * keep_f,
@@ -250,7 +257,35 @@ def _update_bucket(plan: BucketPlan, params, grads, norm, states, layouts, fresh
         scalars.update(offset_coefficients(eta, c, h.beta1, rho)._asdict())
     else:
         scalars.update(y_step=-eta, m_weight=(1 - h.beta1) * keep_f, bias1=1 - h.beta1 ** step_f.clamp(min=1))
+    return new, scalars, lr_t, eta
 
+
+def one_call_step(plan: BucketPlan, params, grads, states, h: Hyper) -> StepReport | None:
+    """A group that is one bucket, all of it in the CPU kernel, with coefficients that do not depend on
+    the norms (no auto-lr, no controller, no fresh state): block sums, hygiene gate and update in one
+    call (:meth:`refadamw.kernels.native.Plan.step`). The scalars are computed as for an applied step
+    and committed only if it was. None (nothing done) when a tensor does not fit the kernel this step."""
+    device, dtype = plan.device, plan.dtype
+    applied = torch.ones((), dtype=torch.bool, device=device)
+    new, scalars, lr_t, eta = _step_scalars(plan, None, h, applied, dtype, None)
+    constants = plan.constants(h)
+    columns = [constants[name] if name in constants else scalars[name] for name in native.COEFFICIENTS]
+    sums = plan.native.step(params, grads, columns, new["step"], plan.vectors["rounding_key"])
+    if sums is None:
+        return None
+    norm = sums.sqrt().to(dtype)
+    keep = norm.isfinite().all()  # the kernel's own gate, on the same sums
+    old = plan.vectors
+    new["grad_norm_ema"] = update_norm_ema(old["grad_norm_ema"], norm, new["step"] == 1, h.norm_ema_alpha)
+    plan.commit(states, new, keep)
+    eta = torch.where(keep, eta, 0.0)
+    return StepReport(keep, lr_t.float().mean(), eta.float().mean())
+
+
+def _update_bucket(plan: BucketPlan, params, grads, norm, states, layouts, fresh, offsets, h: Hyper, keep, dtype,
+                   ref, fused=False):
+    new, scalars, lr_t, eta = _step_scalars(plan, norm, h, keep, dtype, ref)
+    step = new["step"]
     rest = list(range(len(params)))
     if plan.native is not None and _native_step(plan, params, grads, h, step, scalars, fresh):
         rest = plan.rest_idx

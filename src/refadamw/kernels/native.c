@@ -116,55 +116,75 @@ static inline float lerp(float start, float end, float w) {
     return w < 0.5f ? start + w * (end - start) : end - (end - start) * (1.0f - w);
 }
 
-/* Sum of squares of n floats in 16 independent lanes (vectorizes without reassociating). */
+/* Sum of squares of n floats in 64 independent lanes: vectorizes without reassociating, and four
+ * vector accumulators hide the latency of the adds. */
+#define LANES 64
 static double sum_squares(const float *x, int n) {
-    float lane[16] = {0};
+    float lane[LANES] = {0};
     int j = 0;
-    for (; j + 16 <= n; j += 16)
-        for (int k = 0; k < 16; k++) lane[k] += x[j + k] * x[j + k];
+    for (; j + LANES <= n; j += LANES)
+        for (int k = 0; k < LANES; k++) lane[k] += x[j + k] * x[j + k];
     float tail = 0.0f;
     for (; j < n; j++) tail += x[j] * x[j];
     double total = tail;
-    for (int k = 0; k < 16; k++) total += lane[k];
+    for (int k = 0; k < LANES; k++) total += lane[k];
     return total;
 }
 
-/* Per tensor t: pointers and dtype codes of y (the parameter), g, delta = z - y and v; rows and
- * cols: blocks and their size (per-element tensors: rows = numel, cols = 1, per_element = 1);
- * sq_at: where the tensor's block sums start in `sq`. Work item i covers rows [r0[i], r1[i]) of
- * tensor item_t[i]; the items of one tensor are consecutive. */
-void refadamw_row_sums(const int64_t *g, const int32_t *g_dt, const int64_t *rows, const int64_t *cols,
-                       const int64_t *sq_at, const int8_t *per_element, int64_t n_items, const int64_t *item_t,
-                       const int64_t *r0, const int64_t *r1, float *sq, double *item_sum, int64_t n_tensors,
-                       double *tensor_sum, int threads, int64_t parallel_numel) {
+/* One param group's tensors t = 0..n-1: pointers and dtype codes of y (the parameter), g, delta = z - y
+ * and v; rows and cols: blocks and their size (per-element tensors: rows = numel, cols = 1,
+ * per_element = 1); sq_at: where the tensor's block sums start in `sq`. Work item i covers rows
+ * [r0[i], r1[i]) of tensor item_t[i]; the items of one tensor are consecutive. coef_cols[c]: column c
+ * of the per-tensor coefficients (COEF order), read at t * coef_strides[c] (stride 0: one value for
+ * every tensor). steps, tensor_keys: each tensor's step after this update and its rounding key, from
+ * which the keys of its three writes are derived as precision.py does. */
+typedef struct {
+    const int64_t *y, *g, *offset, *v;
+    const int32_t *y_dt, *g_dt, *offset_dt, *v_dt;
+    const int64_t *rows, *cols, *sq_at;
+    const int8_t *per_element, *fresh;
+    const int64_t *coef_cols, *coef_strides, *steps;
+    const int32_t *tensor_keys;
+    float *sq;
+    double *item_sum, *tensor_sum;
+    int64_t n, n_items;
+    const int64_t *item_t, *r0, *r1;
+} group_t;
+
+static int64_t total_numel(const group_t *G) {
     int64_t total = 0;
-    for (int64_t i = 0; i < n_items; i++) total += (r1[i] - r0[i]) * cols[item_t[i]];
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (total >= parallel_numel)
-    for (int64_t i = 0; i < n_items; i++) {
-        int64_t t = item_t[i], c = cols[t];
-        const void *gp = (const void *)g[t];
-        float buf[SEG];
-        double acc = 0.0;
-        if (per_element[t]) {
-            for (int64_t at = r0[i]; at < r1[i]; at += SEG) {
-                int n = (int)(r1[i] - at < SEG ? r1[i] - at : SEG);
-                acc += sum_squares(work((void *)gp, g_dt[t], at, n, buf), n);
-            }
-        } else {
-            for (int64_t r = r0[i]; r < r1[i]; r++) {
-                double row = 0.0;
-                for (int64_t j = 0; j < c; j += SEG) {
-                    int n = (int)(c - j < SEG ? c - j : SEG);
-                    row += sum_squares(work((void *)gp, g_dt[t], r * c + j, n, buf), n);
-                }
-                sq[sq_at[t] + r] = (float)row;
-                acc += row;
-            }
+    for (int64_t i = 0; i < G->n_items; i++) total += (G->r1[i] - G->r0[i]) * G->cols[G->item_t[i]];
+    return total;
+}
+
+static void row_sums_item(const group_t *G, int64_t i) {
+    int64_t t = G->item_t[i], c = G->cols[t];
+    void *gp = (void *)G->g[t];
+    int dt = G->g_dt[t];
+    float buf[SEG];
+    double acc = 0.0;
+    if (G->per_element[t]) {
+        for (int64_t at = G->r0[i]; at < G->r1[i]; at += SEG) {
+            int n = (int)(G->r1[i] - at < SEG ? G->r1[i] - at : SEG);
+            acc += sum_squares(work(gp, dt, at, n, buf), n);
         }
-        item_sum[i] = acc;
+    } else {
+        for (int64_t r = G->r0[i]; r < G->r1[i]; r++) {
+            double row = 0.0;
+            for (int64_t j = 0; j < c; j += SEG) {
+                int n = (int)(c - j < SEG ? c - j : SEG);
+                row += sum_squares(work(gp, dt, r * c + j, n, buf), n);
+            }
+            G->sq[G->sq_at[t] + r] = (float)row;
+            acc += row;
+        }
     }
-    for (int64_t t = 0; t < n_tensors; t++) tensor_sum[t] = 0.0;
-    for (int64_t i = 0; i < n_items; i++) tensor_sum[item_t[i]] += item_sum[i];
+    G->item_sum[i] = acc;
+}
+
+static void tensor_sums(const group_t *G) {
+    for (int64_t t = 0; t < G->n; t++) G->tensor_sum[t] = 0.0;
+    for (int64_t i = 0; i < G->n_items; i++) G->tensor_sum[G->item_t[i]] += G->item_sum[i];
 }
 
 /* The elementwise step over n elements: common.schedule_free_step's operations, in its order. DENOM(j)
@@ -195,67 +215,89 @@ static inline uint32_t rounding_key(int32_t tensor_key, int64_t step, uint32_t s
     return mix32((uint32_t)tensor_key ^ mix32(counter));
 }
 
-/* coef_cols[c]: column c of the per-tensor coefficients (COEF order), read at t * coef_strides[c]
- * (stride 0: one value for every tensor). steps, tensor_keys: each tensor's step after this update
- * and its rounding key, from which the keys of the three writes are derived as precision.py does. */
-void refadamw_update(const int64_t *y, const int64_t *g, const int64_t *offset, const int64_t *v,
-                     const int32_t *y_dt, const int32_t *g_dt, const int32_t *offset_dt, const int32_t *v_dt,
-                     const int64_t *rows, const int64_t *cols, const int64_t *sq_at, const int8_t *per_element,
-                     const int8_t *fresh, const int64_t *coef_cols, const int64_t *coef_strides,
-                     const int64_t *steps, const int32_t *tensor_keys, const float *sq, int64_t n_items,
-                     const int64_t *item_t, const int64_t *r0, const int64_t *r1, int threads,
-                     int64_t parallel_numel) {
-    int64_t total = 0;
-    for (int64_t i = 0; i < n_items; i++) total += (r1[i] - r0[i]) * cols[item_t[i]];
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (total >= parallel_numel)
-    for (int64_t i = 0; i < n_items; i++) {
-        int64_t t = item_t[i], c = cols[t];
-        float k[N_COEF];
-        for (int j = 0; j < N_COEF; j++) k[j] = ((const float *)coef_cols[j])[t * coef_strides[j]];
-        uint32_t key[N_KEY] = {rounding_key(tensor_keys[t], steps[t], SALT_PARAM),
-                               rounding_key(tensor_keys[t], steps[t], SALT_Z_MINUS_Y),
-                               rounding_key(tensor_keys[t], steps[t], SALT_EXP_AVG_SQ)};
-        void *yp = (void *)y[t], *op = (void *)offset[t], *vp = (void *)v[t];
-        const void *gp = (const void *)g[t];
-        float yb[SEG], gb[SEG], ob[SEG], vb[SEG];
-        if (per_element[t]) {
-            for (int64_t at = r0[i]; at < r1[i]; at += SEG) {
-                int n = (int)(r1[i] - at < SEG ? r1[i] - at : SEG);
-                load(gp, g_dt[t], at, n, gb);
-                if (fresh[t]) {
-                    for (int j = 0; j < n; j++) vb[j] = finite_square(gb[j] * gb[j]) * k[V_WEIGHT];
-                } else {
-                    load(vp, v_dt[t], at, n, vb);
-                    for (int j = 0; j < n; j++) vb[j] = lerp(vb[j], finite_square(gb[j] * gb[j]), k[V_WEIGHT]);
-                }
-                store(vp, v_dt[t], at, n, vb, key[KEY_V]);
-                for (int j = 0; j < n; j++) vb[j] = sqrtf(vb[j]) / k[SQRT_BIAS2] + k[EPS];
-                float *yw = work(yp, y_dt[t], at, n, yb), *ow = work(op, offset_dt[t], at, n, ob);
-                step_elements(yw, gb, ow, vb, n, k);
-                put(yp, y_dt[t], at, n, yw, key[KEY_Y]);
-                put(op, offset_dt[t], at, n, ow, key[KEY_OFFSET]);
-            }
-            continue;
-        }
-        for (int64_t r = r0[i]; r < r1[i]; r++) {
-            float s = finite_square(sq[sq_at[t] + r] / (float)c), vr;
-            if (fresh[t]) {
-                vr = s * k[V_WEIGHT];
+static void update_item(const group_t *G, int64_t i) {
+    int64_t t = G->item_t[i], c = G->cols[t];
+    float k[N_COEF];
+    for (int j = 0; j < N_COEF; j++) k[j] = ((const float *)G->coef_cols[j])[t * G->coef_strides[j]];
+    uint32_t key[N_KEY] = {rounding_key(G->tensor_keys[t], G->steps[t], SALT_PARAM),
+                           rounding_key(G->tensor_keys[t], G->steps[t], SALT_Z_MINUS_Y),
+                           rounding_key(G->tensor_keys[t], G->steps[t], SALT_EXP_AVG_SQ)};
+    void *yp = (void *)G->y[t], *op = (void *)G->offset[t], *vp = (void *)G->v[t], *gp = (void *)G->g[t];
+    int y_dt = G->y_dt[t], g_dt = G->g_dt[t], o_dt = G->offset_dt[t], v_dt = G->v_dt[t], fresh = G->fresh[t];
+    float yb[SEG], gb[SEG], ob[SEG], vb[SEG];
+    if (G->per_element[t]) {
+        for (int64_t at = G->r0[i]; at < G->r1[i]; at += SEG) {
+            int n = (int)(G->r1[i] - at < SEG ? G->r1[i] - at : SEG);
+            load(gp, g_dt, at, n, gb);
+            if (fresh) {
+                for (int j = 0; j < n; j++) vb[j] = finite_square(gb[j] * gb[j]) * k[V_WEIGHT];
             } else {
-                load(vp, v_dt[t], r, 1, &vr);
-                vr = lerp(vr, s, k[V_WEIGHT]);
+                load(vp, v_dt, at, n, vb);
+                for (int j = 0; j < n; j++) vb[j] = lerp(vb[j], finite_square(gb[j] * gb[j]), k[V_WEIGHT]);
             }
-            store(vp, v_dt[t], r, 1, &vr, key[KEY_V]);
-            float denom = sqrtf(vr) / k[SQRT_BIAS2] + k[EPS];
-            for (int64_t j = 0; j < c; j += SEG) {
-                int n = (int)(c - j < SEG ? c - j : SEG);
-                int64_t at = r * c + j;
-                const float *gw = work((void *)gp, g_dt[t], at, n, gb);
-                float *yw = work(yp, y_dt[t], at, n, yb), *ow = work(op, offset_dt[t], at, n, ob);
-                step_block(yw, gw, ow, denom, n, k);
-                put(yp, y_dt[t], at, n, yw, key[KEY_Y]);
-                put(op, offset_dt[t], at, n, ow, key[KEY_OFFSET]);
-            }
+            store(vp, v_dt, at, n, vb, key[KEY_V]);
+            for (int j = 0; j < n; j++) vb[j] = sqrtf(vb[j]) / k[SQRT_BIAS2] + k[EPS];
+            float *yw = work(yp, y_dt, at, n, yb), *ow = work(op, o_dt, at, n, ob);
+            step_elements(yw, gb, ow, vb, n, k);
+            put(yp, y_dt, at, n, yw, key[KEY_Y]);
+            put(op, o_dt, at, n, ow, key[KEY_OFFSET]);
+        }
+        return;
+    }
+    for (int64_t r = G->r0[i]; r < G->r1[i]; r++) {
+        float s = finite_square(G->sq[G->sq_at[t] + r] / (float)c), vr;
+        if (fresh) {
+            vr = s * k[V_WEIGHT];
+        } else {
+            load(vp, v_dt, r, 1, &vr);
+            vr = lerp(vr, s, k[V_WEIGHT]);
+        }
+        store(vp, v_dt, r, 1, &vr, key[KEY_V]);
+        float denom = sqrtf(vr) / k[SQRT_BIAS2] + k[EPS];
+        for (int64_t j = 0; j < c; j += SEG) {
+            int n = (int)(c - j < SEG ? c - j : SEG);
+            int64_t at = r * c + j;
+            const float *gw = work(gp, g_dt, at, n, gb);
+            float *yw = work(yp, y_dt, at, n, yb), *ow = work(op, o_dt, at, n, ob);
+            step_block(yw, gw, ow, denom, n, k);
+            put(yp, y_dt, at, n, yw, key[KEY_Y]);
+            put(op, o_dt, at, n, ow, key[KEY_OFFSET]);
+        }
+    }
+}
+
+/* The three entry points; `threads` OpenMP threads (torch's pool) once the group holds at least
+ * `parallel_numel` elements, else the calling thread alone. */
+
+/* The block sums and each tensor's sum of squares. */
+void refadamw_row_sums(const group_t *G, int threads, int64_t parallel_numel) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (total_numel(G) >= parallel_numel)
+    for (int64_t i = 0; i < G->n_items; i++) row_sums_item(G, i);
+    tensor_sums(G);
+}
+
+/* The update, from the block sums of refadamw_row_sums. */
+void refadamw_update(const group_t *G, int threads, int64_t parallel_numel) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (total_numel(G) >= parallel_numel)
+    for (int64_t i = 0; i < G->n_items; i++) update_item(G, i);
+}
+
+/* Both in one parallel region, for a group whose coefficients do not depend on the norms: the block
+ * sums, then, only if every tensor's sum of squares is finite (the hygiene gate), the update. */
+void refadamw_step(const group_t *G, int threads, int64_t parallel_numel) {
+    int finite = 1;
+#pragma omp parallel num_threads(threads) if (total_numel(G) >= parallel_numel)
+    {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < G->n_items; i++) row_sums_item(G, i);
+#pragma omp single
+        {
+            tensor_sums(G);
+            for (int64_t t = 0; t < G->n; t++) finite &= isfinite(G->tensor_sum[t]) ? 1 : 0;
+        }
+        if (finite) {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t i = 0; i < G->n_items; i++) update_item(G, i);
         }
     }
 }

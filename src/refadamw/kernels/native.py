@@ -67,6 +67,15 @@ _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 
 
+class _Group(ctypes.Structure):
+    """``group_t`` of native.c: one group's tensors, as pointers into tensors the :class:`Plan` holds."""
+
+    _fields_ = ([(name, _P) for name in ("y", "g", "offset", "v", "y_dt", "g_dt", "offset_dt", "v_dt", "rows",
+                                         "cols", "sq_at", "per_element", "fresh", "coef_cols", "coef_strides",
+                                         "steps", "tensor_keys", "sq", "item_sum", "tensor_sum")]
+                + [("n", _I64), ("n_items", _I64)] + [(name, _P) for name in ("item_t", "r0", "r1")])
+
+
 def _cache_dir() -> Path:
     return Path(os.environ.get("REFADAMW_CACHE_DIR") or Path.home() / ".cache" / "refadamw")
 
@@ -108,14 +117,14 @@ def _load():
         logger.warning("refadamw: building the CPU multi-tensor kernel failed (%s); using the multi-tensor path",
                        str(detail).strip()[:500])
         return None
-    library.refadamw_row_sums.argtypes = [_P] * 6 + [_I64, _P, _P, _P, _P, _P, _I64, _P, ctypes.c_int, _I64]
-    library.refadamw_update.argtypes = [_P] * 18 + [_I64, _P, _P, _P, ctypes.c_int, _I64]
+    for entry in (library.refadamw_row_sums, library.refadamw_update, library.refadamw_step):
+        entry.argtypes = [ctypes.POINTER(_Group), ctypes.c_int, _I64]
+        entry.restype = None
     library.refadamw_stochastic_round.argtypes = [_P, _I64, ctypes.c_int, ctypes.c_int32, _P]
+    library.refadamw_stochastic_round.restype = None
     global _storable_dtypes
     _storable_dtypes = frozenset(DTYPE_CODES) if library.refadamw_has_f16() else frozenset(DTYPE_CODES) - {
         torch.float16}
-    library.refadamw_row_sums.restype = library.refadamw_update.restype = None
-    library.refadamw_stochastic_round.restype = None
     _library = library
     return library
 
@@ -194,24 +203,22 @@ class Plan:
         self.y_codes = _codes(params)
         self.not_fresh = torch.zeros(n, dtype=torch.int8)
         self._keep = (offsets, vs)  # the buffers whose pointers are held
-        self._grads = None
+        self._summed = None  # the gradients whose block sums `sq` holds
+        item_t, r0, r1 = self.items
+        self.group = _Group(
+            offset=self.offset_ptrs.data_ptr(), v=self.v_ptrs.data_ptr(), y_dt=self.y_codes.data_ptr(),
+            offset_dt=self.offset_codes.data_ptr(), v_dt=self.v_codes.data_ptr(), rows=self.rows.data_ptr(),
+            cols=self.cols.data_ptr(), sq_at=self.sq_at.data_ptr(), per_element=self.per_element.data_ptr(),
+            sq=self.sq.data_ptr(), item_sum=self.item_sum.data_ptr(), tensor_sum=self.tensor_sum.data_ptr(),
+            n=n, n_items=self.n_items, item_t=item_t.data_ptr(), r0=r0.data_ptr(), r1=r1.data_ptr())
 
     def row_sums(self, grads: list[torch.Tensor]) -> torch.Tensor | None:
         """Each gradient's sum of squares (fp64, ``(n,)``), or None when a gradient does not fit the
         kernel this step (another dtype, not contiguous). The block sums stay in the plan for :meth:`update`."""
-        codes = [DTYPE_CODES.get(g.dtype, -1) if g.is_contiguous() else -1 for g in grads]
-        if -1 in codes or (2 in codes and torch.float16 not in _storable_dtypes):
-            self._grads = None
+        if not self._set_grads(grads):
             return None
-        self._grads = list(grads)
-        self._g_ptrs = _ptrs(grads)
-        self._g_codes = torch.tensor(codes, dtype=torch.int32)
-        item_t, r0, r1 = self.items
-        self.lib.refadamw_row_sums(
-            self._g_ptrs.data_ptr(), self._g_codes.data_ptr(), self.rows.data_ptr(), self.cols.data_ptr(),
-            self.sq_at.data_ptr(), self.per_element.data_ptr(), self.n_items, item_t.data_ptr(), r0.data_ptr(),
-            r1.data_ptr(), self.sq.data_ptr(), self.item_sum.data_ptr(), self.n, self.tensor_sum.data_ptr(),
-            torch.get_num_threads(), PARALLEL_NUMEL)
+        self._call(self.lib.refadamw_row_sums)
+        self._summed = list(grads)
         return self.tensor_sum
 
     def update(self, params, grads, fresh: list[bool], columns: list[torch.Tensor], steps: torch.Tensor,
@@ -222,25 +229,46 @@ class Plan:
         (int32): each tensor's step after this update and its rounding key, from which the kernel
         derives the rounding keys of its writes. Reads the block sums of the last :meth:`row_sums` on
         these gradients (computed here otherwise)."""
-        summed = self._grads
+        summed, self._summed = self._summed, None
         if summed is None or len(summed) != len(grads) or not all(map(operator.is_, summed, grads)):
             if self.row_sums(grads) is None:
                 return False
-        self._grads = None
+        if not self._set_update(params, fresh, columns, steps, tensor_keys):
+            return False
+        self._call(self.lib.refadamw_update)
+        return True
+
+    def step(self, params, grads, columns: list[torch.Tensor], steps: torch.Tensor,
+             tensor_keys: torch.Tensor) -> torch.Tensor | None:
+        """:meth:`row_sums` and :meth:`update` in one parallel region, for coefficients that do not depend
+        on the norms (no auto-lr, no controller, no fresh state): the update is written only if every
+        tensor's sum of squares is finite. Returns the sums (None, nothing done, when a tensor does not
+        fit the kernel this step); the caller derives the hygiene gate from them as the kernel did."""
+        self._summed = None
+        if not self._set_grads(grads) or not self._set_update(params, None, columns, steps, tensor_keys):
+            return None
+        self._call(self.lib.refadamw_step)
+        return self.tensor_sum
+
+    def _set_grads(self, grads) -> bool:
+        codes = [DTYPE_CODES.get(g.dtype, -1) if g.is_contiguous() else -1 for g in grads]
+        if -1 in codes or (2 in codes and torch.float16 not in _storable_dtypes):
+            return False
+        self._per_call = [_ptrs(grads), torch.tensor(codes, dtype=torch.int32)]
+        self.group.g, self.group.g_dt = (t.data_ptr() for t in self._per_call)
+        return True
+
+    def _set_update(self, params, fresh, columns, steps, tensor_keys) -> bool:
         if not all(p.is_contiguous() for p in params):  # p.data replaced by a strided tensor
             return False
         columns = [c.to(torch.float32).contiguous() for c in columns]
-        column_ptrs = _ptrs(columns)
-        strides = torch.tensor([1 if c.dim() else 0 for c in columns], dtype=torch.int64)
-        steps, tensor_keys = steps.contiguous(), tensor_keys.to(torch.int32).contiguous()
-        fresh_flags = torch.tensor(fresh, dtype=torch.int8) if any(fresh) else self.not_fresh
-        item_t, r0, r1 = self.items
-        y_ptrs = _ptrs(params)
-        self.lib.refadamw_update(
-            y_ptrs.data_ptr(), self._g_ptrs.data_ptr(), self.offset_ptrs.data_ptr(), self.v_ptrs.data_ptr(),
-            self.y_codes.data_ptr(), self._g_codes.data_ptr(), self.offset_codes.data_ptr(), self.v_codes.data_ptr(),
-            self.rows.data_ptr(), self.cols.data_ptr(), self.sq_at.data_ptr(), self.per_element.data_ptr(),
-            fresh_flags.data_ptr(), column_ptrs.data_ptr(), strides.data_ptr(), steps.data_ptr(),
-            tensor_keys.data_ptr(), self.sq.data_ptr(), self.n_items, item_t.data_ptr(), r0.data_ptr(), r1.data_ptr(),
-            torch.get_num_threads(), PARALLEL_NUMEL)
+        held = [_ptrs(params), torch.tensor(fresh, dtype=torch.int8) if fresh and any(fresh) else self.not_fresh,
+                _ptrs(columns), torch.tensor([1 if c.dim() else 0 for c in columns], dtype=torch.int64),
+                steps.contiguous(), tensor_keys.to(torch.int32).contiguous(), columns]
+        self._per_call += held
+        g = self.group
+        g.y, g.fresh, g.coef_cols, g.coef_strides, g.steps, g.tensor_keys = (t.data_ptr() for t in held[:6])
         return True
+
+    def _call(self, entry) -> None:
+        entry(ctypes.byref(self.group), torch.get_num_threads(), PARALLEL_NUMEL)
