@@ -116,8 +116,9 @@ static inline float lerp(float start, float end, float w) {
     return w < 0.5f ? start + w * (end - start) : end - (end - start) * (1.0f - w);
 }
 
-/* Sum of squares of n floats in 64 independent lanes: vectorizes without reassociating, and four
- * vector accumulators hide the latency of the adds. */
+/* Sum of squares of n <= SEG floats in 64 independent lanes: vectorizes without reassociating, and
+ * four vector accumulators hide the latency of the adds. The lanes are reduced by a tree of vector
+ * adds, then 16 values in double; callers add segments in double, so no float sum runs long. */
 #define LANES 64
 static double sum_squares(const float *x, int n) {
     float lane[LANES] = {0};
@@ -126,8 +127,10 @@ static double sum_squares(const float *x, int n) {
         for (int k = 0; k < LANES; k++) lane[k] += x[j + k] * x[j + k];
     float tail = 0.0f;
     for (; j < n; j++) tail += x[j] * x[j];
+    for (int width = LANES / 2; width >= 16; width /= 2)
+        for (int k = 0; k < width; k++) lane[k] += lane[k + width];
     double total = tail;
-    for (int k = 0; k < LANES; k++) total += lane[k];
+    for (int k = 0; k < 16; k++) total += lane[k];
     return total;
 }
 
@@ -162,11 +165,11 @@ static void row_sums_item(const group_t *G, int64_t i) {
     void *gp = (void *)G->g[t];
     int dt = G->g_dt[t];
     float buf[SEG];
-    double acc = 0.0;
+    double total = 0.0;
     if (G->per_element[t]) {
         for (int64_t at = G->r0[i]; at < G->r1[i]; at += SEG) {
             int n = (int)(G->r1[i] - at < SEG ? G->r1[i] - at : SEG);
-            acc += sum_squares(work(gp, dt, at, n, buf), n);
+            total += sum_squares(work(gp, dt, at, n, buf), n);
         }
     } else {
         for (int64_t r = G->r0[i]; r < G->r1[i]; r++) {
@@ -176,10 +179,10 @@ static void row_sums_item(const group_t *G, int64_t i) {
                 row += sum_squares(work(gp, dt, r * c + j, n, buf), n);
             }
             G->sq[G->sq_at[t] + r] = (float)row;
-            acc += row;
+            total += row;
         }
     }
-    G->item_sum[i] = acc;
+    G->item_sum[i] = total;
 }
 
 static void tensor_sums(const group_t *G) {
