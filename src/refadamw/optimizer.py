@@ -508,10 +508,13 @@ class AdamWMiniSF(torch.optim.Optimizer):
     @staticmethod
     def _grad_norms(work) -> list[list[torch.Tensor]]:
         """Per-group lists of whole-tensor gradient norms (all-reduced over shards, no host sync)."""
-        return [sharding.global_norms(whole, kernels.grad_norms(
+        norms = [kernels.grad_norms(
                     params, grads, states, layouts, cache=cache,
-                    native=group["schedule_free"] and group["foreach"] is not False and group["fused"] is not False))
-                for group, params, grads, states, layouts, _, whole, cache, _ in work]
+                    native=group["schedule_free"] and group["foreach"] is not False and group["fused"] is not False)
+                 for group, params, grads, states, layouts, _, whole, cache, _ in work]
+        # a group without a cache is a sharded one: its local norms are combined across ranks
+        return [sharding.global_norms(whole, norms_i) if cache is None else norms_i
+                for norms_i, (*_, whole, cache, _) in zip(norms, work)]
 
     def _after_step(self) -> None:
         """Called at the end of every ``step()``."""
@@ -823,11 +826,12 @@ class RefAdamWMiniSF(AdamWMiniSF):
         self._raw_norms.clear()
         if fed is not None:
             return fed.to(device, torch.float32)
-        seen = [n.to(device, torch.float32) for n in seen]
-        if not any(r is not None for r in recorded):
-            return torch.linalg.vector_norm(torch.stack(seen)) if seen else torch.zeros((), device=device)
-        raw = torch.stack([torch.zeros((), device=device) if r is None else r.to(device, torch.float32)
-                           for r in recorded])
+        seen = kernels.stacked(seen, device, torch.float32) if seen else torch.zeros(0, device=device)
+        if all(r is None for r in recorded):
+            return torch.linalg.vector_norm(seen)
+        if any(r is None for r in recorded):
+            recorded = [torch.zeros((), device=device) if r is None else r for r in recorded]
+        raw = kernels.stacked(recorded, device, torch.float32)
         if torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1:
             # DDP's hooks see each rank's own gradient: average the squares so every rank decides alike.
@@ -835,7 +839,7 @@ class RefAdamWMiniSF(AdamWMiniSF):
 
             raw = (funcol.all_reduce(raw.square(), "sum", torch.distributed.group.WORLD)
                    / torch.distributed.get_world_size()).sqrt()
-        return self.controller.unclipped_norm(raw, torch.stack(seen))
+        return self.controller.unclipped_norm(raw, seen)
 
     @property
     def total_steps(self) -> int | None:

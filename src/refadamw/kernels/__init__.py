@@ -18,11 +18,11 @@ import torch
 
 from ..partition import BlockLayout
 from . import common
-from .common import Control, Hyper, StepReport, all_finite
+from .common import Control, Hyper, StepReport, all_finite, stacked
 from .foreach import bucket_norms, bucket_plans, multi_tensor_update
 from .reference import single_tensor_update
 
-__all__ = ["Control", "Hyper", "StepReport", "all_finite", "grad_norms", "update", "single_tensor_update", "multi_tensor_update"]
+__all__ = ["Control", "Hyper", "StepReport", "all_finite", "stacked", "grad_norms", "update", "single_tensor_update", "multi_tensor_update"]
 
 
 def update(

@@ -43,6 +43,15 @@ class StepReport(NamedTuple):
     effective_lr: torch.Tensor  # mean per-tensor step size η over the group's tensors
 
 
+def stacked(tensors: list[torch.Tensor], device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """0-d tensors as one vector on ``device`` (in ``dtype``; None: their promoted dtype): one stack and
+    one copy, or a copy per tensor when they lie on several devices (a model split across GPUs)."""
+    try:
+        return torch.stack(tensors).to(device, dtype)
+    except RuntimeError:
+        return torch.stack([t.to(device) for t in tensors]).to(dtype)
+
+
 def all_finite(norms: list[torch.Tensor]) -> torch.Tensor:
     """True when every gradient norm is finite: the group-wide hygiene gate. ``norms``: 0-d tensors,
     or vectors of them.
@@ -50,12 +59,9 @@ def all_finite(norms: list[torch.Tensor]) -> torch.Tensor:
     A norm is non-finite when its gradient holds a NaN or inf, or when its
     squares overflow, which would poison ``v`` just the same.
     """
-    join = torch.stack if norms[0].dim() == 0 else torch.cat  # 0-d norms, or one vector per bucket
-    try:
-        return join(norms).isfinite().all()
-    except RuntimeError:  # norms on several devices (a model split across GPUs)
-        device = norms[0].device
-        return torch.stack([n.isfinite().all().to(device) for n in norms]).all()
+    if norms[0].dim() == 0:
+        return stacked(norms, norms[0].device).isfinite().all()
+    return stacked([n.isfinite().all() for n in norms], norms[0].device).all()  # one vector per bucket
 
 
 def buckets(params: list[torch.Tensor]) -> dict[tuple, list[int]]:
