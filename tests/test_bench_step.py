@@ -49,7 +49,7 @@ def test_quick_suite_writes_json_markdown_figure_and_doc_block(small, tmp_path):
     assert list(rows) == list(SMALL)
     assert rows["transformer"]["tensors"] == 2 * 12 + 4 and rows["lora"]["tensors"] == 8
     for row in rows.values():
-        assert {"refadamw", "refadamw (no compiler)", "AdamW fused", "AdamW foreach"} <= set(row["optimizers"])
+        assert {"refadamw", "refadamw + Ref", "refadamw (no compiler)", "AdamW fused", "AdamW foreach"} <= set(row["optimizers"])
         assert row["optimizers"]["AdamW fused"]["ratio_vs_adamw_fused"] == 1.0
         for result in row["optimizers"].values():
             for key in ("ratio_vs_adamw_fused", "median_s", "copy_bandwidth_pct", "bandwidth_bound_s"):
@@ -62,7 +62,7 @@ def test_quick_suite_writes_json_markdown_figure_and_doc_block(small, tmp_path):
     assert [name for name, r in rows.items() if "compile" in r] == ["tiny"]
     assert rows["tiny"]["compile"]["cold"]["first_step_s"] > 0 and "compile_s" in rows["tiny"]["compile"]["warm"]
     report = (tmp_path / "step.md").read_text()
-    assert "| model | tensors | params | refadamw | refadamw (no compiler) | AdamW fused |" in report
+    assert "| model | tensors | params | refadamw | refadamw + Ref | refadamw (no compiler) | AdamW fused |" in report
     assert "| tiny | 6 | 216 |" in report and "28 B ·" in report
     assert "stale" not in doc.read_text() and "optimizer.step() speed" in doc.read_text()
     assert (tmp_path / "step.png").stat().st_size > 0

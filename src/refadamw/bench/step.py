@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..optimizer import AdamWMiniSF
+from ..optimizer import AdamWMiniSF, RefAdamWMiniSF
 from . import shapes
 from .measure import copy_bandwidth_gbs, interleaved_medians
 from .memory import transient_peak_bytes
@@ -90,7 +90,9 @@ def _peer(name: str) -> Callable[[nn.Module], torch.optim.Optimizer]:
 
 def contenders() -> list[Contender]:
     ours = lambda model: AdamWMiniSF(model.parameters())  # the defaults: whatever path a user gets
+    with_ref = lambda model: RefAdamWMiniSF(model.parameters(), total_steps=10_000)
     return [Contender(OURS, ours),
+            Contender(f"{OURS} + Ref", with_ref),
             Contender(f"{OURS} (no compiler)", ours, env={"REFADAMW_COMPILE": "0"}),
             Contender(BASELINE, lambda model: torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)),
             Contender("AdamW foreach", lambda model: torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)),
