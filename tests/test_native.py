@@ -223,3 +223,17 @@ def test_the_one_call_step_writes_nothing_on_a_non_finite_gradient():
         assert torch.equal(p, b)
         for k, v in opt.state[p].items():
             assert torch.equal(v, s[k]), k
+
+
+def test_a_compiler_without_openmp_still_builds_the_kernel(monkeypatch, tmp_path):
+    """Apple's clang rejects -fopenmp: the kernel is built without it (one thread) instead of not at all."""
+    fake = tmp_path / "cc-without-openmp"
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && { echo "unsupported option" >&2; exit 1; }; done\n'
+                    'exec cc "$@"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("REFADAMW_CACHE_DIR", str(tmp_path / "cache"))
+    built = native._build(str(fake))
+    assert built.exists()
+    import ctypes
+
+    assert ctypes.CDLL(str(built)).refadamw_has_f16() in (0, 1)

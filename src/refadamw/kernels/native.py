@@ -47,9 +47,11 @@ import torch
 logger = logging.getLogger("refadamw")
 
 SOURCE = Path(__file__).with_name("native.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-std=gnu11", "-shared",
-         "-fPIC")
+FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-std=gnu11", "-shared", "-fPIC")
 """``-ffp-contract=off``: no fused multiply-adds, so each operation rounds like the eager path's."""
+OPTIONAL_FLAGS = (("-march=native", "-fopenmp"), ("-fopenmp",), ())
+"""Tried in turn: a compiler without OpenMP (Apple's clang) still builds a one-thread kernel, which beats
+the multi-tensor path, and one that does not know ``-march=native`` builds for the generic target."""
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 COEFFICIENTS = ("weight_decay", "y_offset", "y_step", "offset_decay", "offset_step", "v_weight", "sqrt_bias2", "eps")
@@ -89,17 +91,22 @@ def _cpu_flags() -> str:
 
 
 def _build(compiler: str) -> Path:
+    """The kernel's shared library, built on the first call on this machine and then found in the cache."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    digest = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, version, platform.machine(), _cpu_flags(),
-                                       torch.__version__]).encode()).hexdigest()[:16]
+    digest = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, *map(" ".join, OPTIONAL_FLAGS), version,
+                                       platform.machine(), _cpu_flags(), torch.__version__]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"refadamw_native_{digest}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE)], capture_output=True, text=True,
-                       check=True)
+        for extra in OPTIONAL_FLAGS:
+            result = subprocess.run([compiler, *FLAGS, *extra, "-o", str(built), str(SOURCE)], capture_output=True,
+                                    text=True)
+            if result.returncode == 0:
+                break
+        result.check_returncode()
         os.replace(built, target)  # atomic: a concurrent build leaves one complete file
     return target
 
