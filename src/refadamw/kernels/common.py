@@ -136,6 +136,14 @@ def schedule_free_step(ys, ds, offsets, denoms, weight_decay, y_offset, y_step, 
     torch._foreach_addcmul_(offsets, ds, offset_step)
 
 
+def device_scalar(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A hyperparameter as a 0-d fp32 tensor on ``device``, without a host sync: a float is filled in
+    (``torch.tensor(x, device="cuda")`` would be a synchronizing copy), a tensor is used as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, torch.float32)
+    return torch.full((), float(value), dtype=torch.float32, device=device)
+
+
 def nonzero(value: float | torch.Tensor) -> bool:
     """Whether a hyperparameter may be nonzero, decided without reading a tensor's value on the host."""
     return isinstance(value, torch.Tensor) or value != 0

@@ -19,8 +19,8 @@ from ..partition import BlockLayout
 from ..precision import Salt, rounding_keys, shift_key
 from . import fused as fused_kernel
 from . import native
-from .common import (Control, Hyper, StepReport, buckets, buffer_offset, finite_grads, finite_squares, gates,
-                     needs_rounding, nonzero, schedule_free_step, store, working_copy)
+from .common import (Control, Hyper, StepReport, buckets, buffer_offset, device_scalar, finite_grads, finite_squares,
+                     gates, needs_rounding, nonzero, schedule_free_step, store, working_copy)
 
 
 def multi_tensor_update(
@@ -107,8 +107,8 @@ class BucketPlan:
         key = (h.weight_decay, h.eps)
         if isinstance(h.weight_decay, torch.Tensor) or getattr(self, "_constants_key", None) != key:
             self._constants_key = key
-            self._constants = {"weight_decay": torch.as_tensor(h.weight_decay, dtype=torch.float32, device=self.device),
-                               "eps": torch.full((), h.eps, dtype=torch.float32, device=self.device)}
+            self._constants = {"weight_decay": device_scalar(h.weight_decay, self.device),
+                               "eps": device_scalar(h.eps, self.device)}
         return self._constants
 
     def holds(self, states) -> bool:
@@ -153,7 +153,8 @@ def bucket_plans(params, grads, states, layouts, native_ok: bool, cache: dict | 
                       if native.eligible(params[i], grads[i], states[i][buffer], states[i]["exp_avg_sq"], layouts[i])]
             if chosen:
                 plan.native_idx = chosen
-                plan.rest_idx = [j for j in range(len(idx)) if j not in set(chosen)]
+                taken = set(chosen)
+                plan.rest_idx = [j for j in range(len(idx)) if j not in taken]
                 plan.native = native.Plan([params[idx[j]] for j in chosen],
                                           [states[idx[j]][buffer] for j in chosen],
                                           [states[idx[j]]["exp_avg_sq"] for j in chosen],
@@ -339,9 +340,7 @@ def _update_rest(params, grads, states, layouts, fresh, offsets, h: Hyper, dtype
 
 def _fused_coefficients(scalars: dict[str, torch.Tensor], h: Hyper, n: int, device) -> torch.Tensor:
     """An ``(n, 5)`` fp32 matrix: each tensor's scalars in the order of ``fused.COEFFICIENTS``."""
-    # as_tensor of a float launches a fill (torch.tensor(x, device="cuda") would be a synchronizing copy);
-    # a tensor weight_decay is used as it is, never read on the host
-    values = {"weight_decay": torch.as_tensor(h.weight_decay, dtype=torch.float32, device=device), **scalars}
+    values = {"weight_decay": device_scalar(h.weight_decay, device), **scalars}
     return torch.stack([values[name].float().expand(n) for name in fused_kernel.COEFFICIENTS], dim=1)
 
 
