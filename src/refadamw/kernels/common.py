@@ -110,6 +110,34 @@ def finite_squares(squares: list[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.nan_to_num_(s, posinf=torch.finfo(s.dtype).max) for s in squares]
 
 
+def moments(states, name, targets, weights, fresh, dtype) -> list[torch.Tensor]:
+    """Working copies of the EMA buffer ``name`` after ``buf ← lerp(buf, target, w)``.
+
+    A fresh state's buffer is uninitialised storage: its EMA is computed
+    directly as ``w·target`` (the lerp from zero) instead of being zero-filled first.
+    """
+    work = [None] * len(states)
+    old = [i for i, f in enumerate(fresh) if not f]
+    new = [i for i, f in enumerate(fresh) if f]
+    if old:
+        buffers = [working_copy(states[i][name], dtype) for i in old]
+        torch._foreach_lerp_(buffers, [targets[i] for i in old], [weights[i] for i in old])
+        for i, b in zip(old, buffers):
+            work[i] = b
+    for i in new:
+        work[i] = torch.mul(targets[i], weights[i])
+    return work
+
+
+def denominators(vs, sqrt_bias2, eps: float) -> list[torch.Tensor]:
+    """Adam's denominators ``sqrt(v)/sqrt(1−β2^t) + eps`` of working ``v`` buffers (every path's, once;
+    ``native.c`` computes the same per block). ``sqrt_bias2``: one 0-d tensor per buffer."""
+    out = torch._foreach_sqrt(vs)
+    torch._foreach_div_(out, sqrt_bias2)
+    torch._foreach_add_(out, eps)
+    return out
+
+
 def schedule_free_step(ys, ds, offsets, denoms, weight_decay, y_offset, y_step, offset_decay, offset_step) -> None:
     """The elementwise Schedule-Free update, in place on lists of working tensors (every path's, once):
 

@@ -20,7 +20,8 @@ from ..precision import Salt, rounding_keys, shift_key
 from . import fused as fused_kernel
 from . import native
 from .common import (Control, Hyper, StepReport, buckets, buffer_offset, device_scalar, finite_grads, finite_squares,
-                     gates, needs_rounding, nonzero, schedule_free_step, store, working_copy)
+                     denominators, gates, moments, needs_rounding, nonzero, schedule_free_step, store,
+                     working_copy)
 
 
 def multi_tensor_update(
@@ -359,10 +360,8 @@ def _update_tensors(params, grads, states, layouts, h: Hyper, dtype, k: dict[str
     grads = finite_grads([g.to(dtype) for g in grads])
     blocked_grads = [lay.blocked(g) for lay, g in zip(layouts, grads)]
     squares = finite_squares([lay.mean_square(bg) for lay, bg in zip(layouts, blocked_grads)])
-    vs = _moment(states, "exp_avg_sq", squares, k["v_weight"], k["fresh"], dtype)
-    denoms = torch._foreach_sqrt(vs)
-    torch._foreach_div_(denoms, k["sqrt_bias2"])
-    torch._foreach_add_(denoms, h.eps)
+    vs = moments(states, "exp_avg_sq", squares, k["v_weight"], k["fresh"], dtype)
+    denoms = denominators(vs, k["sqrt_bias2"], h.eps)
     denoms = [lay.broadcastable(dn, p.dim()) for lay, dn, p in zip(layouts, denoms, params)]
 
     ys = [working_copy(p, dtype) for p in params]
@@ -375,7 +374,7 @@ def _update_tensors(params, grads, states, layouts, h: Hyper, dtype, k: dict[str
         for s, offset, key in zip(states, offsets, k["key_buffer"]):
             store(s["z_minus_y"], offset, key)
     else:
-        ms = _moment(states, "exp_avg", grads, k["m_weight"], k["fresh"], dtype)
+        ms = moments(states, "exp_avg", grads, k["m_weight"], k["fresh"], dtype)
         ds = torch._foreach_div([lay.blocked(m) for lay, m in zip(layouts, ms)], k["bias1"])
         torch._foreach_div_(ds, denoms)
         if nonzero(h.weight_decay):
@@ -406,10 +405,8 @@ def _fused_update(params, grads, states, layouts, h: Hyper, dtype, k) -> None:
     """
     squares = [torch.nan_to_num_(lay.mean_square(lay.blocked(g), dtype), nan=0.0, posinf=torch.finfo(dtype).max)
                for lay, g in zip(layouts, grads)]
-    vs = _moment(states, "exp_avg_sq", squares, k["v_weight"], k["fresh"], dtype)
-    denoms = torch._foreach_sqrt(vs)
-    torch._foreach_div_(denoms, k["sqrt_bias2"])
-    torch._foreach_add_(denoms, h.eps)
+    vs = moments(states, "exp_avg_sq", squares, k["v_weight"], k["fresh"], dtype)
+    denoms = denominators(vs, k["sqrt_bias2"], h.eps)
     for i, (p, g, s, dn, lay) in enumerate(zip(params, grads, states, denoms, layouts)):
         args = (lay.grid(p), lay.grid(g), lay.grid(s["z_minus_y"]), lay.grid_v(dn, p.shape),
                 k["coef"][i], k["key_param"][i], k["key_buffer"][i])
@@ -417,22 +414,3 @@ def _fused_update(params, grads, states, layouts, h: Hyper, dtype, k) -> None:
             fused_kernel.sf_pass(*args)  # compiling failed: the same arithmetic, uncompiled, this once
     for s, v, key in zip(states, vs, k["key_v"]):
         store(s["exp_avg_sq"], v, key)
-
-
-def _moment(states, name, targets, weights, fresh, dtype) -> list[torch.Tensor]:
-    """Working copies of the EMA buffer ``name`` after ``buf ← lerp(buf, target, w)``.
-
-    A fresh state's buffer is uninitialised storage: its EMA is computed
-    directly as ``w·target`` (the lerp from zero) instead of being zero-filled first.
-    """
-    work = [None] * len(states)
-    old = [i for i, f in enumerate(fresh) if not f]
-    new = [i for i, f in enumerate(fresh) if f]
-    if old:
-        buffers = [working_copy(states[i][name], dtype) for i in old]
-        torch._foreach_lerp_(buffers, [targets[i] for i in old], [weights[i] for i in old])
-        for i, b in zip(old, buffers):
-            work[i] = b
-    for i in new:
-        work[i] = torch.mul(targets[i], weights[i])
-    return work

@@ -15,7 +15,7 @@ parameter tensor holding ``y``; all math in fp32 (fp64 for fp64 params):
     η      = clamp(lr_t·ē/(n + 1e-12), min_lr, max_lr)  if auto_lr  else lr_t
     s_b    = mean_{i∈b} g_i²   per block b (mini)   or   g_i²   per element
     v      = β2·v + (1−β2)·s        (v = (1−β2)·s on a fresh state) (Adam-mini, §3.3)
-    denom  = sqrt(v / (1−β2^t)) + eps       broadcast over each block
+    denom  = sqrt(v) / sqrt(1−β2^t) + eps   broadcast over each block
 
   Schedule-Free (§3.4, Defazio et al. 2024), with the Ref controller's λ, ρ (§3.5–6).
   The state holds δ = z − y, not z (refadamw.averaging explains why):
@@ -46,8 +46,8 @@ from ..auto_lr import step_size, update_norm_ema
 from ..averaging import averaging_weight, offset_coefficients, ref_weight, warmup_factor
 from ..partition import BlockLayout
 from ..precision import Salt, compute_dtype, rounding_keys
-from .common import (Control, Hyper, StepReport, buffer_offset, finite_grads, finite_squares, gates, needs_rounding,
-                     schedule_free_step, store)
+from .common import (Control, Hyper, StepReport, buffer_offset, denominators, finite_grads, finite_squares, gates,
+                     moments, needs_rounding, schedule_free_step, store)
 
 
 def single_tensor_update(
@@ -100,10 +100,9 @@ def _update_one(param, grad, norm, state, layout: BlockLayout, h: Hyper, keep, f
 
     blocked_grad = layout.blocked(grad)
     (square,) = finite_squares([layout.mean_square(blocked_grad)])
-    v_weight = (1 - h.beta2) * keep_f
-    v = square * v_weight if fresh else torch.lerp(state["exp_avg_sq"].to(dtype), square, v_weight)
-    bias2 = 1 - h.beta2 ** step_f.clamp(min=1)
-    denom = layout.broadcastable((v / bias2).sqrt() + h.eps, param.dim())
+    (v,) = moments([state], "exp_avg_sq", [square], [(1 - h.beta2) * keep_f], [fresh], dtype)
+    (denom,) = denominators([v], [(1 - h.beta2 ** step_f.clamp(min=1)).sqrt()], h.eps)
+    denom = layout.broadcastable(denom, param.dim())
 
     y = param.to(dtype)
     if h.schedule_free:
@@ -123,8 +122,7 @@ def _update_one(param, grad, norm, state, layout: BlockLayout, h: Hyper, keep, f
         state["lr_max"].copy_(torch.where(keep, lr_max, state["lr_max"]))
         state["weight_sum"].copy_(torch.where(keep, weight_sum, state["weight_sum"]))
     else:
-        m_weight = (1 - h.beta1) * keep_f
-        m = grad * m_weight if fresh else torch.lerp(state["exp_avg"].to(dtype), grad, m_weight)
+        (m,) = moments([state], "exp_avg", [grad], [(1 - h.beta1) * keep_f], [fresh], dtype)
         bias1 = 1 - h.beta1 ** step_f.clamp(min=1)
         m_hat = layout.blocked(m / bias1)
         d = (m_hat / denom + h.weight_decay * layout.blocked(y)).reshape(param.shape)
