@@ -1,12 +1,14 @@
 /* The CPU multi-tensor Schedule-Free update of refadamw (kernels/native.py).
  *
  * Two calls per param group, each one OpenMP region over a list of work items
- * (a tensor's rows [r0, r1)), whatever the number of tensors:
+ * (a tensor's rows [r0, r1)), whatever the number of tensors; or both in one
+ * region (refadamw_step) when the coefficients do not depend on the norms:
  *
  *   refadamw_row_sums:  per block, s_b = sum of g^2 over the block (blocked tensors),
  *                       and per tensor the sum of squares (its norm, squared);
  *   refadamw_update:    v, the denominator and the elementwise Schedule-Free step
- *                       of kernels/fused.py (sf_pass), one block at a time:
+ *                       (common.moments, common.denominators and
+ *                       common.schedule_free_step), one block at a time:
  *
  *     s     = s_b / block_numel     (or g^2 per element), NaN -> 0, inf -> FLT_MAX
  *     v     = fresh ? w*s : lerp(v, s, w)                 (torch.lerp's formula)
