@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 
 from ..partition import BlockLayout
-from . import common
 from .common import Control, Hyper, StepReport, all_finite, stacked
 from .foreach import bucket_norms, bucket_plans, multi_tensor_update
 from .reference import single_tensor_update
@@ -62,14 +61,12 @@ def update(
     return single_tensor_update(params, grads, states, layouts, hyper, fresh, norms, control, index_offsets=offsets)
 
 
-def grad_norms(params: list[torch.Tensor], grads: list[torch.Tensor], states=None, layouts=None, *,
+def grad_norms(params: list[torch.Tensor], grads: list[torch.Tensor], states, layouts, *,
                native: bool = False, cache: dict | None = None) -> list[torch.Tensor]:
     """Each gradient's 2-norm, in its parameter's compute dtype.
 
-    With ``states``, ``layouts`` and ``native`` (a fused Schedule-Free group), tensors that the CPU
-    multi-tensor kernel takes get theirs from its block sums, which the following :func:`update` with the
-    same ``cache`` reuses, so ``g`` is read once for both.
+    With ``native`` (a fused Schedule-Free group), tensors that the CPU multi-tensor kernel takes get
+    theirs from its block sums, which the following :func:`update` with the same ``cache`` reuses, so
+    ``g`` is read once for both.
     """
-    if states is None:
-        return common.grad_norms(params, grads)
     return bucket_norms(bucket_plans(params, grads, states, layouts, native, cache), params, grads)

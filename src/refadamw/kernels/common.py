@@ -72,15 +72,6 @@ def buckets(params: list[torch.Tensor]) -> dict[tuple, list[int]]:
     return out
 
 
-def grad_norms(params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Each gradient's 2-norm, computed in its parameter's compute dtype."""
-    norms: list[torch.Tensor] = [None] * len(params)  # type: ignore[list-item]
-    for (_, dtype), idx in buckets(params).items():
-        for i, n in zip(idx, torch._foreach_norm([grads[i] for i in idx], dtype=dtype)):
-            norms[i] = n
-    return norms
-
-
 def gates(norms: list[torch.Tensor], control: Control | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(finite, keep)``: the hygiene gate, and whether the gradient is applied.
 

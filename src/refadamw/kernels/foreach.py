@@ -91,7 +91,6 @@ class BucketPlan:
     def __init__(self, key, idx, states, scalar_keys, bind: bool):
         self.device, self.dtype = key
         self.idx = idx
-        self.scalar_keys = scalar_keys
         self.vectors = {k: torch.stack([s[k] for s in states]) for k in scalar_keys}
         self.bind = bind
         if bind:
@@ -103,14 +102,15 @@ class BucketPlan:
         self.native_idx: list[int] = []
         self.rest_idx: list[int] = list(range(len(idx)))
 
-    def constants(self, h: Hyper) -> dict[str, torch.Tensor]:
-        """``weight_decay`` and ``eps`` as 0-d fp32 tensors on the bucket's device, made once per value."""
+    def columns(self, h: Hyper, scalars: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The CPU kernel's coefficient columns (``native.COEFFICIENTS``): this step's ``scalars``, and
+        ``weight_decay`` and ``eps`` as 0-d fp32 tensors on the bucket's device, made once per value."""
         key = (h.weight_decay, h.eps)
         if isinstance(h.weight_decay, torch.Tensor) or getattr(self, "_constants_key", None) != key:
             self._constants_key = key
             self._constants = {"weight_decay": device_scalar(h.weight_decay, self.device),
                                "eps": device_scalar(h.eps, self.device)}
-        return self._constants
+        return [self._constants[name] if name in self._constants else scalars[name] for name in native.COEFFICIENTS]
 
     def holds(self, states) -> bool:
         """Whether ``states`` still hold exactly the tensors this plan was built on (no load, no conversion)."""
@@ -270,9 +270,7 @@ def one_call_step(plan: BucketPlan, params, grads, states, h: Hyper) -> StepRepo
     device, dtype = plan.device, plan.dtype
     applied = torch.ones((), dtype=torch.bool, device=device)
     new, scalars, lr_t, eta = _step_scalars(plan, None, h, applied, dtype, None)
-    constants = plan.constants(h)
-    columns = [constants[name] if name in constants else scalars[name] for name in native.COEFFICIENTS]
-    sums = plan.native.step(params, grads, columns, new["step"], plan.vectors["rounding_key"])
+    sums = plan.native.step(params, grads, plan.columns(h, scalars), new["step"], plan.vectors["rounding_key"])
     if sums is None:
         return None
     norm = sums.sqrt().to(dtype)
@@ -308,8 +306,7 @@ def _native_step(plan: BucketPlan, params, grads, h: Hyper, step, scalars, fresh
     pick = (lambda xs: [xs[j] for j in chosen]) if len(chosen) < len(params) else (lambda xs: xs)
     device = step.device
     sel = torch.tensor(chosen, dtype=torch.int64, device=device) if len(chosen) < len(params) else None
-    constants = plan.constants(h)
-    columns = [constants[name] if name in constants else scalars[name] for name in native.COEFFICIENTS]
+    columns = plan.columns(h, scalars)
     tensor_keys = plan.vectors["rounding_key"]
     if sel is not None:
         columns = [c[sel] if c.dim() else c for c in columns]

@@ -1,26 +1,28 @@
 """The CPU fast path: one hand-written multi-tensor kernel per param group (``native.c``).
 
-SPEC.md §6. A ``torch.compile``d pass per tensor (kernels/fused.py) costs
-about 30 µs of guards and launch per tensor: LoRA's hundreds of small
-tensors spent most of ``step()`` there. Here one C call covers every
-tensor of a group, as ``torch._fused_adamw_`` does for AdamW:
+SPEC.md §6. A ``torch.compile``d pass per tensor (kernels/fused.py) pays
+dynamo's guards and a launch per tensor: LoRA's hundreds of small tensors
+spent most of ``step()`` there. Here one C call covers every tensor of a
+group, as ``torch._fused_adamw_`` does for AdamW:
 
-1. :func:`row_sums` reads each gradient once for its block sums of squares
-   and its squared norm (the hygiene gate, auto-lr and the Ref controller
-   need every norm before any tensor is written);
-2. :func:`update` then reads ``g``, ``y`` and ``δ = z − y`` once more and
-   writes ``y``, ``δ`` and ``v`` once, a block at a time: ``v``, the
+1. :meth:`Plan.row_sums` reads each gradient once for its block sums of
+   squares and its squared norm (the hygiene gate, auto-lr and the Ref
+   controller need every norm before any tensor is written);
+2. :meth:`Plan.update` then reads ``g``, ``y`` and ``δ = z − y`` once more
+   and writes ``y``, ``δ`` and ``v`` once, a block at a time: ``v``, the
    denominator and the elementwise Schedule-Free step of
-   :func:`refadamw.kernels.fused.sf_pass` (equations in ``native.c``).
+   :mod:`refadamw.kernels.common` (equations in ``native.c``);
+3. :meth:`Plan.step` does both in one parallel region, gate included, when
+   the coefficients do not depend on the norms.
 
-Both calls are one OpenMP region on torch's own thread pool (the library
+Each call is one OpenMP region on torch's own thread pool (the library
 links the libgomp torch loaded), over work items of about
-:data:`ITEM_NUMEL` elements, whatever the tensor count, and run on one
-thread below :data:`PARALLEL_NUMEL` elements. Per-tensor scalars come in as
-one ``(n, 8)`` coefficient matrix and one ``(n, 3)`` key matrix computed
-by tensor ops, so nothing syncs and nothing here loops in Python per
-element. The static part of a group (pointers of the state buffers,
-shapes, work items, scratch) is built once, in a :class:`Plan`.
+:data:`ITEM_NUMEL` elements, whatever the tensor count, and runs on one
+thread below :data:`PARALLEL_NUMEL` elements. The per-tensor coefficients
+come in as columns computed by tensor ops, and the rounding keys are derived
+in C from the step and key vectors, so nothing syncs and nothing here loops
+in Python per element. The static part of a group (pointers of the state
+buffers, shapes, work items, scratch) is built once, in a :class:`Plan`.
 
 The source is compiled on first use with the system C compiler (``$CC``,
 else ``cc``; about a second) into ``$REFADAMW_CACHE_DIR`` (default
@@ -149,16 +151,13 @@ def _storable(t: torch.Tensor) -> bool:
     return t.dtype in _storable_dtypes and t.device.type == "cpu" and t.is_contiguous()
 
 
-def eligible_grad(param: torch.Tensor, grad: torch.Tensor) -> bool:
-    """Whether a parameter and its gradient fit the kernel (checked every step: both can change)."""
-    return (type(param) in (torch.Tensor, torch.nn.Parameter) and type(grad) is torch.Tensor  # not DTensor
-            and not grad.is_sparse and _storable(param) and _storable(grad))
-
-
 def eligible(param: torch.Tensor, grad: torch.Tensor, offset: torch.Tensor, v: torch.Tensor, layout) -> bool:
     """Whether one tensor can take the kernel: dense, contiguous CPU storage in fp32/bf16/fp16, and blocks
-    that are contiguous runs (per-element ``v`` or leading block axes). Needs the library loaded."""
-    return eligible_grad(param, grad) and _storable(offset) and _storable(v) and layout.contiguous
+    that are contiguous runs (per-element ``v`` or leading block axes). Needs the library loaded. Checked
+    when a :class:`Plan` is built; each call checks again what can change between steps (the gradient's
+    dtype and layout, the parameter's layout)."""
+    return (type(param) in (torch.Tensor, torch.nn.Parameter) and type(grad) is torch.Tensor  # not DTensor
+            and not grad.is_sparse and all(_storable(t) for t in (param, grad, offset, v)) and layout.contiguous)
 
 
 def stochastic_round(src: torch.Tensor, dtype: torch.dtype, key: int) -> torch.Tensor:
@@ -258,8 +257,8 @@ class Plan:
         return self.tensor_sum
 
     def _set_grads(self, grads) -> bool:
-        codes = [DTYPE_CODES.get(g.dtype, -1) if g.is_contiguous() else -1 for g in grads]
-        if -1 in codes or (2 in codes and torch.float16 not in _storable_dtypes):
+        codes = [DTYPE_CODES[g.dtype] if g.dtype in _storable_dtypes and g.is_contiguous() else -1 for g in grads]
+        if -1 in codes:
             return False
         self._per_call = [_ptrs(grads), torch.tensor(codes, dtype=torch.int32)]
         self.group.g, self.group.g_dt = (t.data_ptr() for t in self._per_call)
