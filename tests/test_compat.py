@@ -59,7 +59,7 @@ def test_explicit_seed_arguments_map_onto_the_product():
                                    20, 1e-3, 1e-5, 400)
     d = opt.defaults
     assert (d["lr"], d["betas"], d["eps"], d["weight_decay"]) == (3e-3, (0.8, 0.99), 1e-7, 0.02)
-    assert (d["min_lr"], d["max_lr"], d["schedulefree_alpha"]) == (1e-5, 5e-2, 0.1)
+    assert (d["min_lr"], d["max_lr"], d["norm_ema_alpha"]) == (1e-5, 5e-2, 0.1)  # the seed's name, renamed
     assert d["state_dtype"] == torch.bfloat16
     assert opt.total_steps == 400 and opt.controller.ref_alpha == 0.25
     assert tuple(opt.controller.ref_window) == (0.2, 0.8)  # the seed's int ref_window is not the product's

@@ -428,7 +428,7 @@ def test_to_moves_the_state():
 
 @pytest.mark.parametrize("kwargs,error", [
     (dict(alpha=-0.1), ValueError), (dict(alpha=1.5), ValueError), (dict(alpha="0.5"), TypeError),
-    (dict(alpha=float("nan")), TypeError),
+    (dict(alpha=float("nan")), ValueError),
     (dict(window=(0.8, 0.2)), ValueError), (dict(window=(0.2,)), TypeError), (dict(window=0.5), TypeError),
     (dict(window=(-0.1, 0.5)), ValueError), (dict(window=(0.2, 1.1)), ValueError),
     (dict(total_steps=0), ValueError), (dict(total_steps=-3), ValueError), (dict(total_steps=10.0), ValueError),

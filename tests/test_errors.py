@@ -584,7 +584,7 @@ BAD_STATE = [
         _set(("param_groups", 0, "stats", "steps"), lambda old, sd: torch.zeros(2)), "product", "corrupted"),
     Row("ref_config-none", "`'ref_config': None`", V, "the state_dict's 'ref_config' is malformed",
         _set(("ref_config",), lambda old, sd: None), "RefAdamWMiniSF", "corrupted"),
-    Row("ref_config-bad-value", "`'ref_config'` with `ref_alpha=2.0`", V, "ref_alpha must be in [0.0, 1.0], got 2.0",
+    Row("ref_config-bad-value", "`'ref_config'` with `ref_alpha=2.0`", V, "ref_alpha must be <= 1.0, got 2.0",
         _set(("ref_config", "ref_alpha"), lambda old, sd: 2.0), "RefAdamWMiniSF", "corrupted"),
     Row("controller-wrong-shape", "a controller tensor of another shape", V, "RefController state[",
         _set(("ref_controller", lambda sd: next(iter(sd["ref_controller"]))), lambda old, sd: torch.zeros(3)),

@@ -326,16 +326,16 @@ def test_copies_watch_their_own_parameters():
     for other in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
         params = other.param_groups[0]["params"]
         (params[0].sum() * 0 + params[0].pow(2).sum()).backward()
-        assert set(other._raw_norms) == {params[0]} and not opt._raw_norms
-        assert "_grad_hooks" not in other.__getstate__() and "_raw_norms" not in other.__getstate__()
+        assert set(other.backward_norms.recorded()) == {params[0]} and not opt.backward_norms.recorded()
+        assert "backward_norms" not in other.__getstate__()
     model.weight.pow(2).sum().backward()
-    assert set(opt._raw_norms) == {model.weight}
+    assert set(opt.backward_norms.recorded()) == {model.weight}
     opt.zero_grad()
-    assert not opt._raw_norms
+    assert not opt.backward_norms.recorded()
     added = torch.nn.Parameter(torch.ones(3))
     opt.add_param_group({"params": [added]})
     added.sum().backward()
-    assert added in opt._raw_norms
+    assert added in opt.backward_norms.recorded()
 
 
 def test_hf_trainer_with_its_default_clipping_flags_and_skips_a_spike(tmp_path):
@@ -398,3 +398,65 @@ def test_ddp_ranks_skip_the_same_clipped_spike(tmp_path):
     assert ranks[0]["skips"] == ranks[1]["skips"] and ranks[0]["skips"][-1] == 3
     for a, b in zip(ranks[0]["weights"], ranks[1]["weights"]):
         assert torch.equal(a, b)
+
+
+# -- the controller is composed in: AdamWMiniSF(controller=...) is RefAdamWMiniSF ------------------
+
+def _spiky_run(opt, model, steps=30):
+    gen = torch.Generator().manual_seed(3)
+    for t in range(steps):
+        opt.zero_grad()
+        x = torch.randn(16, 8, generator=gen) * (100.0 if t == 25 else 1.0)
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        opt.step(loss=loss.detach())
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_a_composed_ref_controller_is_ref_adamw_mini_sf():
+    from refadamw.controller import RefController
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    b.load_state_dict(a.state_dict())
+    ref = RefAdamWMiniSF(a.parameters(), total_steps=30, fused=False)
+    composed = AdamWMiniSF(b.parameters(), fused=False, controller=RefController(0.05, (0.2, 0.8), 30, True))
+    for x, y in zip(_spiky_run(ref, a), _spiky_run(composed, b)):
+        assert torch.equal(x, y)
+    assert ref.stats()["skips"].item() == composed.stats()["skips"].item() == 1
+    assert sorted(ref.state_dict()) == sorted(composed.state_dict()) == ["param_groups", "ref_config",
+                                                                          "ref_controller", "state"]
+
+
+def test_a_load_keeps_the_controllers_tunables():
+    from refadamw.controller import RefController
+
+    model = torch.nn.Linear(8, 4)
+    opt = AdamWMiniSF(model.parameters(), controller=RefController(0.1, (0.0, 1.0), 30, True, skip_level=3))
+    _spiky_run(opt, model, steps=3)
+    saved = opt.state_dict()
+    opt.load_state_dict(saved)
+    assert opt.controller.skip_level == 3 and opt.controller.ref_alpha == 0.1 and opt.total_steps == 30
+
+
+def test_the_seed_names_are_aliases():
+    params = list(torch.nn.Linear(4, 2).parameters())
+    assert AdamWMiniSF(params, schedulefree_alpha=0.2).defaults["norm_ema_alpha"] == 0.2
+    assert "schedulefree_alpha" not in AdamWMiniSF(params, schedulefree_alpha=0.2).defaults
+    assert RefAdamWMiniSF(params, ref_max_steps=40).total_steps == 40
+    with pytest.raises(ValueError, match="disagree"):
+        AdamWMiniSF(params, norm_ema_alpha=0.3, schedulefree_alpha=0.2)
+    with pytest.raises(ValueError, match="disagree"):
+        RefAdamWMiniSF(params, total_steps=30, ref_max_steps=40)
+    opt = AdamWMiniSF(params)
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "schedulefree_alpha": 0.3})
+    assert opt.param_groups[1]["norm_ema_alpha"] == 0.3 and "schedulefree_alpha" not in opt.param_groups[1]
+
+
+def test_without_a_controller_signals_are_refused():
+    opt = AdamWMiniSF(torch.nn.Linear(4, 2).parameters())
+    assert opt.controller is None and opt.backward_norms is None and opt.total_steps is None
+    with pytest.raises(TypeError, match="has no controller"):
+        opt.observe(loss=1.0)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'val_loss'"):
+        opt.step(val_loss=1.0)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from refadamw import AdamWMiniSF, kernels
+from refadamw import AdamWMiniSF, kernels, param_state
 from refadamw.partition import block_layout
 from refadamw.precision import Salt, random_bits, rounding_keys, shift_key, stochastic_round, tensor_key
 
@@ -47,7 +47,7 @@ def _sharded_run(options, param_dtype, grads, foreach, world, offsets_on=True):
     param = torch.randn(ROWS, COLS, generator=torch.Generator().manual_seed(0)).to(param_dtype)
     opt = AdamWMiniSF([torch.nn.Parameter(param)], lr=1e-2, **options)  # for its state layout and hyperparameters
     group = opt.param_groups[0]
-    whole_state = opt._init_state(group, param, 0)
+    whole_state = param_state.init_state(group, param, opt.seed, 0)
     layout = block_layout(param.shape, group["mini"], group["block_rows"])
     shards = []
     for rows in torch.arange(ROWS).chunk(world):
@@ -58,7 +58,7 @@ def _sharded_run(options, param_dtype, grads, foreach, world, offsets_on=True):
         shards.append((slice(r0, r1), state, local_layout, r0 * COLS if offsets_on else 0))
     for step, g in enumerate(grads):
         for rows, state, local_layout, offset in shards:
-            kernels.update([param[rows]], [g.to(param_dtype)[rows]], [state], [local_layout], opt._hyper(group),
+            kernels.update([param[rows]], [g.to(param_dtype)[rows]], [state], [local_layout], param_state.hyper(group),
                            fresh=[step == 0], foreach=foreach, index_offsets=[offset])
     return param, whole_state
 

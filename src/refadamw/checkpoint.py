@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from . import param_state
 from .averaging import y_to_x
 from .optimizer import AdamWMiniSF
 from .precision import compute_dtype
@@ -170,7 +171,7 @@ def _load_target(opt: AdamWMiniSF, saved: set[int], path: str | os.PathLike) -> 
     for group in opt.param_groups:
         for param in group["params"]:
             if ordinal in saved:
-                state[ordinal] = opt._init_state(group, param, ordinal)
+                state[ordinal] = param_state.init_state(group, param, opt.seed, ordinal)
             ordinal += 1
     unknown = sorted(saved - set(range(ordinal)))
     if unknown:

@@ -1,5 +1,13 @@
 """The Ref controller: window, divergence, overfit, repair (SPEC.md §3 items 5–6).
 
+An optimizer composes a controller (``AdamWMiniSF(..., controller=RefController(...))``;
+``RefAdamWMiniSF`` is exactly that) and uses only this interface: ``decide(Signals)``
+→ a :class:`Decision` (λ, ρ, skip; the kernels' ``Control``), ``observe(loss, val_loss)``,
+``stats()`` (``GROUP_STATS`` of them mirrored into each param group), ``checkpoint()``
+(its keys of the optimizer's ``state_dict``) and ``restored(state_dict)`` (a new,
+checked controller; the optimizer installs it only once the whole load is checked),
+``total_steps`` and ``to(device)``. The equations it feeds are in :mod:`refadamw.kernels`.
+
 A small state machine over 0-d tensors, read as signal → level → action.
 ``observe()`` feeds signals, ``decide()`` runs once per optimizer step, before
 the update. Nothing here syncs with the host: every decision is tensor
@@ -93,6 +101,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .validation import check_bool, check_int, check_number, check_sequence, check_steps
+
 logger = logging.getLogger("refadamw")
 
 HISTORY = 20  # val_loss values kept, as in the seed
@@ -153,27 +163,21 @@ def _window_bounds(w0: float, w1: float, total: int) -> tuple[int, int]:
     return lo, hi
 
 
-def _check_real(name: str, value: Any, low: float, high: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    if value < low or (high is not None and value > high):
-        raise ValueError(f"{name} must be in [{low}, {high if high is not None else 'inf'}], got {value}")
-    return float(value)
+class Signals(NamedTuple):
+    """What one optimizer step tells the controller (all optional; tensors stay on the device).
 
+    ``grad_norm``: a global gradient norm the caller measured before clipping; it replaces the two
+    below. ``seen_norms``: each gradient's norm as ``step()`` sees it. ``backward_norms``: each
+    gradient's norm when backward accumulated it, before a trainer clipped it (0 where none was
+    recorded; None: nothing recorded). ``max_steps``: the planned training length ``T``.
+    """
 
-def _check_steps(name: str, value: Any) -> int | None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-    return value
-
-
-def _check_increasing(name: str, values: Any, n: int, low: float, high: float | None = None) -> tuple:
-    if not isinstance(values, (tuple, list)) or len(values) != n:
-        raise TypeError(f"{name} must be a sequence of {n} numbers, got {values!r}")
-    out = tuple(_check_real(f"{name}[{i}]", v, low, high) for i, v in enumerate(values))
-    if any(a > b for a, b in zip(out, out[1:])):
-        raise ValueError(f"{name} must be non-decreasing, got {out}")
-    return out
+    grad_norm: torch.Tensor | None = None
+    seen_norms: torch.Tensor | None = None
+    backward_norms: torch.Tensor | None = None
+    loss: Any = None
+    val_loss: Any = None
+    max_steps: int | None = None
 
 
 class RefController:
@@ -186,31 +190,29 @@ class RefController:
                  gnorm_z: tuple[float, float, float] = (4.0, 6.0, 9.0), gnorm_min_std: float = 0.05,
                  beta: float = 0.05, warmup: int = 20, reanchor_after: int = 10, skip_level: int = 2,
                  pull_after: int = 4) -> None:
-        self.ref_alpha = _check_real("ref_alpha", ref_alpha, 0.0, 1.0)
-        self.ref_window = _check_increasing("ref_window", ref_window, 2, 0.0, 1.0)
-        if not isinstance(repair, bool):
-            raise TypeError(f"repair must be True or False, got {repair!r}")
-        self.repair = repair
-        self.ladder = _check_increasing("ladder", ladder, 4, 0.0, 1.0)
-        self.loss_ratios = _check_increasing("loss_ratios", loss_ratios, 3, 1.0)
-        self.gnorm_z = _check_increasing("gnorm_z", gnorm_z, 3, 0.0)
-        self.noise_k = _check_real("noise_k", noise_k, 0.0)
-        self.gnorm_min_std = _check_real("gnorm_min_std", gnorm_min_std, 0.0)
-        self.beta = _check_real("beta", beta, 0.0, 1.0)
-        if self.beta == 0.0:
-            raise ValueError("beta must be > 0")
-        for name, value in (("warmup", warmup), ("reanchor_after", reanchor_after), ("pull_after", pull_after)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        self.warmup, self.reanchor_after, self.pull_after = warmup, reanchor_after, pull_after
-        if isinstance(skip_level, bool) or not isinstance(skip_level, int) or not 1 <= skip_level <= 4:
-            raise ValueError(f"skip_level must be an int in [1, 4] (4: never skip), got {skip_level!r}")
-        self.skip_level = skip_level
+        self._tunables = dict(ladder=ladder, loss_ratios=loss_ratios, noise_k=noise_k, gnorm_z=gnorm_z,
+                              gnorm_min_std=gnorm_min_std, beta=beta, warmup=warmup, reanchor_after=reanchor_after,
+                              skip_level=skip_level, pull_after=pull_after)
+        self.ref_alpha = check_number("ref_alpha", ref_alpha, 0.0, high=1.0)
+        self.ref_window = check_sequence("ref_window", ref_window, 2, 0.0, 1.0, what="a pair (start, end)")
+        if self.ref_window[0] > self.ref_window[1]:
+            raise ValueError(f"ref_window start must not exceed its end, got {tuple(ref_window)}")
+        self.repair = check_bool("repair", repair)
+        self.ladder = check_sequence("ladder", ladder, 4, 0.0, 1.0, increasing=True)
+        self.loss_ratios = check_sequence("loss_ratios", loss_ratios, 3, 1.0, increasing=True)
+        self.gnorm_z = check_sequence("gnorm_z", gnorm_z, 3, 0.0, increasing=True)
+        self.noise_k = check_number("noise_k", noise_k, 0.0)
+        self.gnorm_min_std = check_number("gnorm_min_std", gnorm_min_std, 0.0)
+        self.beta = check_number("beta", beta, 0.0, low_open=True, high=1.0)
+        self.warmup, self.reanchor_after, self.pull_after = (
+            check_int(name, value, 1) for name, value in
+            (("warmup", warmup), ("reanchor_after", reanchor_after), ("pull_after", pull_after)))
+        self.skip_level = check_int("skip_level", skip_level, 1, 4, " (4: never skip)")
         self.device = torch.device(device)
         self._s = {k: torch.zeros(shape, dtype=dt, device=self.device) for k, (dt, shape) in _STATE.items()}
         self._ladder = torch.tensor(self.ladder, dtype=torch.float32, device=self.device)
         self._warned = False
-        self._set_total(_check_steps("total_steps", total_steps))
+        self._set_total(check_steps("total_steps", total_steps))
 
     # -- host-side T: window bounds and K are Python ints, derived once per new T -----------------
     def _set_total(self, total: int | None) -> None:
@@ -264,10 +266,16 @@ class RefController:
             s["val_history"] = torch.where(finite, torch.cat((s["val_history"][1:], v.reshape(1))), s["val_history"])
             s["val_count"] = torch.where(finite, (s["val_count"] + 1).clamp(max=HISTORY), s["val_count"])
 
-    def decide(self, grad_norm: torch.Tensor | float, max_steps: int | None = None) -> Decision:
-        """Advance ``t`` and decide this step's λ, pull and skip (before the update)."""
-        g = self._signal("grad_norm", grad_norm)
-        if _check_steps("max_steps", max_steps) is not None and max_steps != self._total:
+    def decide(self, signals: Signals | torch.Tensor | float, max_steps: int | None = None) -> Decision:
+        """Advance ``t`` and decide this step's λ, pull and skip (before the update).
+
+        ``signals``: this step's :class:`Signals`, or just the global gradient norm (and ``max_steps``)."""
+        if not isinstance(signals, Signals):
+            signals = Signals(grad_norm=signals, max_steps=max_steps)
+        self.observe(loss=signals.loss, val_loss=signals.val_loss)
+        max_steps = signals.max_steps
+        g = self._signal("grad_norm", self._global_norm(signals))
+        if check_steps("max_steps", max_steps) is not None and max_steps != self._total:
             self._set_total(max_steps)
         if self._total is None and not self._warned:
             self._warned = True
@@ -319,6 +327,16 @@ class RefController:
         s["flagged_steps"] = s["flagged_steps"] + (level > 0).long()
         return Decision(lam, pull, skip, level)
 
+    def _global_norm(self, signals: Signals) -> torch.Tensor:
+        """The caller's measured norm, else the unclipped one from the recorded and seen norms."""
+        if signals.grad_norm is not None:
+            return signals.grad_norm
+        seen = signals.seen_norms
+        seen = torch.zeros(0, device=self.device) if seen is None else seen.to(self.device, torch.float32)
+        if signals.backward_norms is None:
+            return torch.linalg.vector_norm(seen)
+        return self.unclipped_norm(signals.backward_norms.to(self.device), seen)
+
     def unclipped_norm(self, raw: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
         """The global gradient norm before the trainer clipped it, from per-tensor norms.
 
@@ -340,6 +358,14 @@ class RefController:
         s = self._s["grad_scale_log2"] = torch.where(exact, k.clamp(min=0), self._s["grad_scale_log2"])
         return torch.linalg.vector_norm(torch.maximum(raw * torch.exp2(-s), seen))
 
+    @property
+    def total_steps(self) -> int | None:
+        """The planned training length ``T`` in force (None: unknown)."""
+        return self._total
+
+    GROUP_STATS = ("lam", "divergence_level", "repairs", "skips", "flagged_steps", "overfit")
+    """The :meth:`stats` an optimizer mirrors into each of its param groups."""
+
     def stats(self) -> dict[str, torch.Tensor]:
         s = self._s
         return {"lam": s["lam"].clone(), "divergence_level": s["level"].clone(), "repairs": s["repairs"].clone(),
@@ -348,6 +374,31 @@ class RefController:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in self._s.items()}
+
+    # -- in an optimizer's state_dict: the settings and the state, under two keys ------------------
+    CONFIG_KEY, STATE_KEY = "ref_config", "ref_controller"
+
+    def checkpoint(self) -> dict[str, Any]:
+        """What an optimizer's ``state_dict()`` holds of this controller. Like the param groups'
+        hyperparameters, the settings (``ref_alpha``, ``ref_window``, ``repair``) are restored on load."""
+        return {self.CONFIG_KEY: {"ref_alpha": self.ref_alpha, "ref_window": tuple(self.ref_window),
+                                  "repair": self.repair},
+                self.STATE_KEY: self.state_dict()}
+
+    def restored(self, state_dict: Mapping[str, Any]) -> RefController:
+        """A new controller with this one's tunables and device and the settings and state that an
+        optimizer ``state_dict`` holds (see :meth:`checkpoint`); ``self`` is not changed."""
+        missing = {self.CONFIG_KEY, self.STATE_KEY} - set(state_dict)
+        if missing:
+            raise ValueError(f"the state_dict lacks {sorted(missing)}: it does not come from RefAdamWMiniSF "
+                             "(an optimizer with a Ref controller)")
+        config = state_dict[self.CONFIG_KEY]
+        if not isinstance(config, Mapping) or set(config) != {"ref_alpha", "ref_window", "repair"}:
+            raise ValueError(f"the state_dict's {self.CONFIG_KEY!r} is malformed")
+        controller = RefController(config["ref_alpha"], tuple(config["ref_window"]), None, config["repair"],
+                                   self.device, **self._tunables)
+        controller.load_state_dict(state_dict[self.STATE_KEY])
+        return controller
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Check every key, dtype and shape first; on any error ``self`` is left unchanged."""

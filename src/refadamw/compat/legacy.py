@@ -54,7 +54,7 @@ from typing import Any
 
 import torch
 
-from ..optimizer import _check_number
+from ..validation import check_number, check_steps
 from ..precision import parse_state_dtype
 from .legacy_controller import LegacyController
 
@@ -83,11 +83,6 @@ def check_seed_dtype(name: str, value: Any) -> None:
     parse_state_dtype(value)  # raises ValueError naming the known names
 
 
-def _check_positive_steps(name: str, value: Any) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-
-
 def _as_float(name: str, value: Any) -> float | None:
     """A loss signal as a Python float (the seed worked on floats; this may sync)."""
     if value is None:
@@ -105,19 +100,19 @@ def _validate(g: Mapping[str, Any]) -> None:
     for name in ("lr", "eps", "weight_decay", "min_lr", "max_lr", "schedulefree_alpha"):
         if isinstance(g[name], torch.Tensor):  # the seed's arithmetic is on Python floats
             raise TypeError(f"{name} must be a Python number in legacy mode, got a tensor")
-    _check_number("lr", g["lr"], 0.0)
+    check_number("lr", g["lr"], 0.0)
     betas = g["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     for i, beta in enumerate(betas):
-        _check_number(f"betas[{i}]", beta, 0.0, high=1.0, high_open=True)
-    _check_number("eps", g["eps"], 0.0, low_open=True)
-    _check_number("weight_decay", g["weight_decay"], 0.0)
-    _check_number("min_lr", g["min_lr"], 0.0)
-    _check_number("max_lr", g["max_lr"], 0.0)
+        check_number(f"betas[{i}]", beta, 0.0, high=1.0, high_open=True)
+    check_number("eps", g["eps"], 0.0, low_open=True)
+    check_number("weight_decay", g["weight_decay"], 0.0)
+    check_number("min_lr", g["min_lr"], 0.0)
+    check_number("max_lr", g["max_lr"], 0.0)
     if g["min_lr"] > g["max_lr"]:
         raise ValueError(f"min_lr ({g['min_lr']}) must not exceed max_lr ({g['max_lr']})")
-    _check_number("schedulefree_alpha", g["schedulefree_alpha"], 0.0, high=1.0)
+    check_number("schedulefree_alpha", g["schedulefree_alpha"], 0.0, high=1.0)
     check_seed_dtype("dtype", g.get("dtype"))
 
 
@@ -164,7 +159,7 @@ class LegacyAdamWminiScheduleFree(torch.optim.Optimizer):
 
     def _legacy_step(self, closure, loss, max_steps, val_loss):
         loss, val_loss = _as_float("loss", loss), _as_float("val_loss", val_loss)
-        _check_positive_steps("max_steps", max_steps)
+        check_steps("max_steps", max_steps)
         closure_loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -272,9 +267,9 @@ class LegacyRefAdamWminiScheduleFree(LegacyAdamWminiScheduleFree):
                  schedulefree_alpha: float = 0.05, dtype: torch.dtype | str | None = None, ref_alpha: float = 0.5,
                  ref_window: int = 20, ref_base_eps: float = 1e-3, ref_min_eps: float = 1e-5,
                  ref_max_steps: int | None = None) -> None:
-        _check_number("ref_alpha", ref_alpha, 0.0, high=1.0)
+        check_number("ref_alpha", ref_alpha, 0.0, high=1.0)
         check_unused_seed_args(ref_window, ref_base_eps, ref_min_eps)
-        _check_positive_steps("ref_max_steps", ref_max_steps)
+        check_steps("ref_max_steps", ref_max_steps)
         super().__init__(params, lr, betas, eps, weight_decay, min_lr, max_lr, schedulefree_alpha, dtype)
         self.controller = LegacyController(float(ref_alpha), ref_max_steps)
 

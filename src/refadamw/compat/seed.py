@@ -16,10 +16,12 @@ an existing script runs unchanged. What they build:
   ``ref_min_eps`` are dropped with a one-time log note; a ``(start, end)``
   pair is the product's ``ref_window``. Product-only keywords
   (``total_steps``, ``state_dtype``, ``auto_lr``, ...) pass through.
-* ``legacy=True``: the seed's own arithmetic, in fp32
-  (:mod:`refadamw.compat.legacy`). Unstable; for reproducing old runs only.
-  The returned object is a :class:`~refadamw.compat.legacy.LegacyRefAdamWminiScheduleFree`
-  (or ``LegacyAdamWminiScheduleFree``), not an instance of the front door.
+* the seed's own arithmetic, in fp32, is its own explicit class,
+  :class:`~refadamw.compat.legacy.LegacyRefAdamWminiScheduleFree` (and
+  ``LegacyAdamWminiScheduleFree``; :mod:`refadamw.compat.legacy`). Unstable; for
+  reproducing old runs only. ``legacy=True`` on a front door still builds one for
+  old scripts and kohya configs; the object is then a legacy class, not an
+  instance of the front door, and a one-time log line says so.
 
 The class names end in "ScheduleFree", so kohya sd-scripts switches
 ``train()``/``eval()`` around sampling and saving and the saved LoRA holds the
@@ -33,11 +35,10 @@ from typing import Any
 
 import torch
 
-from ..optimizer import AdamWMiniSF, RefAdamWMiniSF, _check_bool, _check_signal, _check_steps
+from ..optimizer import AdamWMiniSF, RefAdamWMiniSF
+from ..validation import NOT_GIVEN, check_bool, check_signal, check_steps
 from ..precision import parse_state_dtype
 from .legacy import LegacyAdamWminiScheduleFree, LegacyRefAdamWminiScheduleFree, note_once
-
-_UNSET: Any = type("_Unset", (), {"__repr__": lambda self: "<unset>"})()
 
 _SEED_ARGS = ("lr", "betas", "eps", "weight_decay", "min_lr", "max_lr", "schedulefree_alpha", "dtype")
 _REF_SEED_ARGS = _SEED_ARGS + ("ref_alpha", "ref_window", "ref_base_eps", "ref_min_eps", "ref_max_steps")
@@ -88,13 +89,13 @@ def _product_kwargs(names: tuple[str, ...], seed: dict[str, Any]) -> dict[str, A
     """Map the seed arguments the caller gave onto the product's keywords."""
     unused = [name for name in _UNUSED if name in names]  # the AdamW front door never had them
     out = {k: v for k, v in seed.items() if k not in ("dtype", *unused)}
-    dtype = out.get("state_dtype", _UNSET)
+    dtype = out.get("state_dtype", NOT_GIVEN)
     if "dtype" in seed and seed["dtype"] is not None:
-        if dtype is not _UNSET and _state_dtype(seed["dtype"]) != parse_state_dtype(dtype):
+        if dtype is not NOT_GIVEN and _state_dtype(seed["dtype"]) != parse_state_dtype(dtype):
             raise ValueError(f"dtype={seed['dtype']!r} and state_dtype={dtype!r} disagree; pass only one")
         out["state_dtype"] = _state_dtype(seed["dtype"])
-    window = seed.get("ref_window", _UNSET) if unused else _UNSET
-    if window is not _UNSET:
+    window = seed.get("ref_window", NOT_GIVEN) if unused else NOT_GIVEN
+    if window is not NOT_GIVEN:
         if _is_pair(window):
             out["ref_window"] = tuple(window)  # the product's (start, end) window
         elif isinstance(window, bool) or not isinstance(window, int):
@@ -111,13 +112,15 @@ def _product_kwargs(names: tuple[str, ...], seed: dict[str, Any]) -> dict[str, A
 
 def _front_door_new(cls: type, args: tuple, legacy: bool, kwargs: dict[str, Any]) -> Any:
     """``legacy=True`` builds the legacy optimizer instead (Python then skips ``cls.__init__``)."""
-    _check_bool("legacy", legacy)
+    check_bool("legacy", legacy)
     if not legacy:
         return object.__new__(cls)
     if not args and "params" not in kwargs:
         raise TypeError(f"{cls.__name__}() needs params")
     kwargs = dict(kwargs)
     params = args[0] if args else kwargs.pop("params")
+    note_once("legacy-class", f"{cls.__name__}(legacy=True) builds a {cls._legacy_cls.__name__}, the explicit class "
+                              "of the original arithmetic (not an instance of the front door); use that class directly")
     return _build_legacy(cls._legacy_cls, cls._names, params, args[1:], kwargs)
 
 
@@ -141,9 +144,9 @@ class AdamWminiScheduleFree(AdamWMiniSF):
     def step(self, closure=None, loss=None, max_steps=None, val_loss=None):
         """The original signature; ``loss``, ``max_steps``, ``val_loss`` are checked and unused
         (this optimizer has no controller, like the original)."""
-        _check_signal("loss", loss)
-        _check_signal("val_loss", val_loss)
-        _check_steps("max_steps", max_steps)
+        check_signal("loss", loss)
+        check_signal("val_loss", val_loss)
+        check_steps("max_steps", max_steps)
         return self._step(closure)
 
 
@@ -167,7 +170,7 @@ class RefAdamWminiScheduleFree(RefAdamWMiniSF):
     @torch.no_grad()
     def step(self, closure=None, loss=None, max_steps=None, val_loss=None):
         """The original signature, positional or by keyword; see :meth:`refadamw.RefAdamWMiniSF.step`."""
-        _check_signal("loss", loss)
-        _check_signal("val_loss", val_loss)
-        _check_steps("max_steps", max_steps)
+        check_signal("loss", loss)
+        check_signal("val_loss", val_loss)
+        check_steps("max_steps", max_steps)
         return self._step(closure, loss=loss, val_loss=val_loss, max_steps=max_steps)

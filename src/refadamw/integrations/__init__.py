@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import unwrap_optimizer
-from ..optimizer import AdamWMiniSF, RefAdamWMiniSF
+from ..optimizer import AdamWMiniSF
 
 
 def ours(optimizers: Any) -> list[AdamWMiniSF]:
@@ -39,7 +39,7 @@ def feed_max_steps(optimizer: AdamWMiniSF, max_steps: int):
     Returns the hook handle (``handle.remove()`` undoes it); None for an
     optimizer without the Ref controller.
     """
-    if not isinstance(optimizer, RefAdamWMiniSF):
+    if optimizer.controller is None:
         return None
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")

@@ -112,7 +112,7 @@ class RefAdamWCallback(TrainerCallback):
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         value = as_signal((metrics or {}).get(self.eval_loss_key))
         for opt in self._optimizers:
-            if value is not None and isinstance(opt, RefAdamWMiniSF):
+            if value is not None and opt.controller is not None:
                 opt.observe(val_loss=value)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -120,7 +120,7 @@ class RefAdamWCallback(TrainerCallback):
         if value is None or self._step_losses:
             return
         for opt in self._optimizers:
-            if isinstance(opt, RefAdamWMiniSF):
+            if opt.controller is not None:
                 opt.observe(loss=value)
 
     def observe_step_loss(self, loss: torch.Tensor) -> None:
@@ -128,7 +128,7 @@ class RefAdamWCallback(TrainerCallback):
         the logged loss is not fed. :class:`StepLossMixin` calls this."""
         self._step_losses = True
         for opt in self._optimizers:
-            if isinstance(opt, RefAdamWMiniSF):
+            if opt.controller is not None:
                 opt.observe(loss=loss)
 
     def on_train_end(self, args, state, control, **kwargs):

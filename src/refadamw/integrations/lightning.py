@@ -50,7 +50,7 @@ except ImportError:  # the standalone package
 
 from ..batchnorm import batchnorm_layers, recompute_bn_stats
 from ..checkpoint import averaged
-from ..optimizer import AdamWMiniSF, RefAdamWMiniSF
+from ..optimizer import AdamWMiniSF
 from . import as_signal, check_callback_args, feed_max_steps, ours
 
 __all__ = ["RefAdamWCallback", "mean_loss_closure"]
@@ -120,7 +120,7 @@ class RefAdamWCallback(Callback):
             opt.train()  # a resumed checkpoint holds x and eval-mode state
             if isinstance(total, int) or (isinstance(total, float) and math.isfinite(total)):
                 self._hooks.append(feed_max_steps(opt, int(total)))
-            if trainer.world_size > 1 and isinstance(opt, RefAdamWMiniSF):
+            if trainer.world_size > 1 and opt.controller is not None:
                 self._hooks.append(opt.register_step_pre_hook(mean_loss_closure(trainer.strategy)))
 
     def on_train_end(self, trainer, pl_module):
@@ -141,7 +141,7 @@ class RefAdamWCallback(Callback):
         value = as_signal(trainer.callback_metrics.get(self.val_loss_key))
         if value is not None and not trainer.sanity_checking:
             for opt in self._ours(trainer):
-                if isinstance(opt, RefAdamWMiniSF):
+                if opt.controller is not None:
                     opt.observe(val_loss=value)
         self._validating.close()
 
