@@ -245,3 +245,36 @@ def test_import_refadamw_imports_no_trainer_library():
             "loaded = [m for m in ('transformers', 'lightning', 'pytorch_lightning', 'accelerate') "
             "if m in sys.modules]; assert not loaded, loaded")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+
+def _v010_writer():
+    """tests/data/make_checkpoint_0.1.0.py, for its model() and grads()."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_checkpoint", Path(__file__).parent / "data"
+                                                  / "make_checkpoint_0.1.0.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("cls", [AdamWMiniSF, RefAdamWMiniSF], ids=lambda c: c.__name__)
+def test_a_checkpoint_written_by_version_0_1_0_loads_and_continues_bit_exactly(cls):
+    """tests/data/checkpoint_0.1.0.pt was written by commit 386e9e1 (tests/data/make_checkpoint_0.1.0.py),
+    before the controller was composed in and ``schedulefree_alpha`` became ``norm_ema_alpha``: the
+    optimizer state_dict after 3 steps, and the averaged weights after 3 more."""
+    saved = torch.load(Path(__file__).parent / "data" / "checkpoint_0.1.0.pt", weights_only=True)[cls.__name__]
+    assert "schedulefree_alpha" in saved["optimizer"]["param_groups"][0]  # the old key
+    writer = _v010_writer()
+    model = writer.model()
+    model.load_state_dict(saved["model"])
+    opt = cls([{"params": [model[0].weight, model[2].weight]}, {"params": [model[0].bias, model[2].bias]}], lr=1.0)
+    opt.load_state_dict(saved["optimizer"])
+    assert opt.param_groups[0]["norm_ema_alpha"] == 0.1 and opt.param_groups[0]["weight_decay"] == 0.1
+    for seed in range(3, 6):
+        writer.grads(model, seed)
+        opt.step()
+    opt.eval()
+    for p, expected in zip(model.parameters(), saved["after"]):
+        assert torch.equal(p, expected)
