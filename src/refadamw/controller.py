@@ -212,6 +212,7 @@ class RefController:
         self._s = {k: torch.zeros(shape, dtype=dt, device=self.device) for k, (dt, shape) in _STATE.items()}
         self._ladder = torch.tensor(self.ladder, dtype=torch.float32, device=self.device)
         self._warned = False
+        self._fed_grad_norm: torch.Tensor | None = None
         self._set_total(check_steps("total_steps", total_steps))
 
     # -- host-side T: window bounds and K are Python ints, derived once per new T -----------------
@@ -247,9 +248,13 @@ class RefController:
         s[f"{prefix}_run"] = torch.where(reanchor, 0, run)
         return level
 
-    def observe(self, loss: float | torch.Tensor | None = None,
-                val_loss: float | torch.Tensor | None = None) -> None:
-        """Feed a training loss and/or a validation loss (floats or 0-d tensors; no sync)."""
+    def observe(self, loss: float | torch.Tensor | None = None, val_loss: float | torch.Tensor | None = None,
+                grad_norm: float | torch.Tensor | None = None) -> None:
+        """Feed a training loss and/or a validation loss (floats or 0-d tensors; no sync). ``grad_norm``, a
+        global gradient norm the caller measured before clipping, replaces the norms of the next
+        ``decide()`` only (it is not state)."""
+        if grad_norm is not None:
+            self._fed_grad_norm = self._signal("grad_norm", grad_norm)
         x = None if loss is None else self._signal("loss", loss)
         v = None if val_loss is None else self._signal("val_loss", val_loss)
         s = self._s
@@ -329,8 +334,11 @@ class RefController:
 
     def _global_norm(self, signals: Signals) -> torch.Tensor:
         """The caller's measured norm, else the unclipped one from the recorded and seen norms."""
+        fed, self._fed_grad_norm = self._fed_grad_norm, None
         if signals.grad_norm is not None:
             return signals.grad_norm
+        if fed is not None:
+            return fed
         seen = signals.seen_norms
         seen = torch.zeros(0, device=self.device) if seen is None else seen.to(self.device, torch.float32)
         if signals.backward_norms is None:

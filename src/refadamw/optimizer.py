@@ -111,7 +111,6 @@ class AdamWMiniSF(torch.optim.Optimizer):
     # -- what is not state: hooks and caches, built again by a copy or an unpickled optimizer ---------
     def _attach(self) -> None:
         self._plans: dict[int, param_state.GroupPlan] = {}
-        self._fed_grad_norm: torch.Tensor | None = None
         self.backward_norms = None if self.controller is None else BackwardNorms(
             [p for g in self.param_groups for p in g["params"]])
         self._own_hooks = {  # torch's own extension points for state_dict and load_state_dict
@@ -144,7 +143,10 @@ class AdamWMiniSF(torch.optim.Optimizer):
         if "params" not in param_group:
             raise ValueError(f"a param group needs a 'params' entry, got keys {sorted(param_group)}")
         spelled = {"norm_ema_alpha": "schedulefree_alpha"} if "schedulefree_alpha" in param_group else None
-        param_group = param_state.renamed(param_group)
+        if spelled:  # in place: the group stored is the caller's dict, as in torch
+            renamed = param_state.renamed(param_group)
+            param_group.clear()
+            param_group.update(renamed)
         params = param_group.get("params")
         if params is not None and not isinstance(params, (torch.Tensor, set)):
             param_group["params"] = params = list(params)  # a generator can be read only once
@@ -286,9 +288,8 @@ class AdamWMiniSF(torch.optim.Optimizer):
         if device != controller.device:  # the model moved: the controller follows, as on load
             controller.to(device)
         seen = [n for group_norms in norms for n in group_norms]
-        fed, self._fed_grad_norm = self._fed_grad_norm, None
         signals = Signals(
-            grad_norm=fed, loss=loss, val_loss=val_loss, max_steps=max_steps,
+            loss=loss, val_loss=val_loss, max_steps=max_steps,
             seen_norms=kernels.stacked(seen, controller.device, torch.float32),
             backward_norms=self.backward_norms.take([p for _, plan, *_ in work for p in plan.whole], controller.device))
         decision = controller.decide(signals)
@@ -302,9 +303,7 @@ class AdamWMiniSF(torch.optim.Optimizer):
             raise TypeError(f"{type(self).__name__} has no controller to observe signals (RefAdamWMiniSF has one)")
         for name, value in (("loss", loss), ("val_loss", val_loss), ("grad_norm", grad_norm)):
             check_signal(name, value)
-        self.controller.observe(loss=loss, val_loss=val_loss)
-        if grad_norm is not None:
-            self._fed_grad_norm = self.controller._signal("grad_norm", grad_norm)
+        self.controller.observe(loss=loss, val_loss=val_loss, grad_norm=grad_norm)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if self.backward_norms is not None:

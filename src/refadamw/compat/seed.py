@@ -124,7 +124,20 @@ def _front_door_new(cls: type, args: tuple, legacy: bool, kwargs: dict[str, Any]
     return _build_legacy(cls._legacy_cls, cls._names, params, args[1:], kwargs)
 
 
-class AdamWminiScheduleFree(AdamWMiniSF):
+class _SeedSignature:
+    """The original constructor signature, mapped onto the product's keywords (or ``legacy=True``)."""
+
+    _names: tuple[str, ...]
+    _legacy_cls: type
+
+    def __new__(cls, *args: Any, legacy: bool = False, **kwargs: Any):
+        return _front_door_new(cls, args, legacy, kwargs)
+
+    def __init__(self, params: Any, *args: Any, legacy: bool = False, **kwargs: Any) -> None:
+        super().__init__(params, **_product_kwargs(self._names, _seed_kwargs(self._names, args, kwargs)))
+
+
+class AdamWminiScheduleFree(_SeedSignature, AdamWMiniSF):
     """Front door with the original ``AdamWminiScheduleFree`` signature (see the module doc).
 
     ``AdamWminiScheduleFree(params, lr, betas, eps, weight_decay, min_lr, max_lr,
@@ -132,13 +145,7 @@ class AdamWminiScheduleFree(AdamWMiniSF):
     """
 
     _names = _SEED_ARGS
-    _legacy_cls: type = LegacyAdamWminiScheduleFree
-
-    def __new__(cls, *args: Any, legacy: bool = False, **kwargs: Any):
-        return _front_door_new(cls, args, legacy, kwargs)
-
-    def __init__(self, params: Any, *args: Any, legacy: bool = False, **kwargs: Any) -> None:
-        super().__init__(params, **_product_kwargs(self._names, _seed_kwargs(self._names, args, kwargs)))
+    _legacy_cls = LegacyAdamWminiScheduleFree
 
     @torch.no_grad()
     def step(self, closure=None, loss=None, max_steps=None, val_loss=None):
@@ -150,7 +157,7 @@ class AdamWminiScheduleFree(AdamWMiniSF):
         return self._step(closure)
 
 
-class RefAdamWminiScheduleFree(RefAdamWMiniSF):
+class RefAdamWminiScheduleFree(_SeedSignature, RefAdamWMiniSF):
     """Front door with the original ``RefAdamWminiScheduleFree`` signature (see the module doc).
 
     ``RefAdamWminiScheduleFree(params, lr, betas, eps, weight_decay, min_lr, max_lr,
@@ -159,18 +166,9 @@ class RefAdamWminiScheduleFree(RefAdamWMiniSF):
     """
 
     _names = _REF_SEED_ARGS
-    _legacy_cls: type = LegacyRefAdamWminiScheduleFree
-
-    def __new__(cls, *args: Any, legacy: bool = False, **kwargs: Any):
-        return _front_door_new(cls, args, legacy, kwargs)
-
-    def __init__(self, params: Any, *args: Any, legacy: bool = False, **kwargs: Any) -> None:
-        super().__init__(params, **_product_kwargs(self._names, _seed_kwargs(self._names, args, kwargs)))
+    _legacy_cls = LegacyRefAdamWminiScheduleFree
 
     @torch.no_grad()
     def step(self, closure=None, loss=None, max_steps=None, val_loss=None):
         """The original signature, positional or by keyword; see :meth:`refadamw.RefAdamWMiniSF.step`."""
-        check_signal("loss", loss)
-        check_signal("val_loss", val_loss)
-        check_steps("max_steps", max_steps)
         return self._step(closure, loss=loss, val_loss=val_loss, max_steps=max_steps)
