@@ -1,10 +1,13 @@
-"""Multi-tensor update: the reference arithmetic with ``torch._foreach_*``.
+"""Multi-tensor update: the algorithm of :mod:`refadamw.kernels` with ``torch._foreach_*``.
 
-The equations are in :mod:`refadamw.kernels.reference`. Here tensors are
-bucketed by (device, compute dtype); per-tensor scalars (step, norm EMA,
-``lr_max``, ``W``) are stacked into one vector per bucket so their arithmetic
-is a handful of small ops whatever the tensor count, and the large tensors
-are updated in place.
+The path from :func:`refadamw.kernels.update`: :func:`multi_tensor_update` computes each bucket's
+per-tensor scalars, calls the CPU kernel (:mod:`refadamw.kernels.native`) for the tensors it takes,
+and :func:`_update_chunk` for the others, a chunk at a time; that calls the one elementwise update,
+:func:`refadamw.kernels.common.schedule_free_step`, or the compiled pass of :mod:`refadamw.kernels.fused`.
+
+Tensors are bucketed by (device, compute dtype); per-tensor scalars (step, norm EMA, ``lr_max``,
+``W``) are stacked into one vector per bucket so their arithmetic is a handful of small ops whatever
+the tensor count, and the large tensors are updated in place.
 """
 
 from __future__ import annotations
@@ -37,7 +40,13 @@ def multi_tensor_update(
     index_offsets: list[int] | None = None,
     cache: dict | None = None,
 ) -> StepReport:
-    """``fused``: run the elementwise part of Schedule-Free updates fused where the tensor allows it: the
+    """One step of a group's tensors (the algorithm: :mod:`refadamw.kernels`), a bucket at a time.
+
+    Per bucket: the per-tensor scalars (:func:`_step_scalars`), then the CPU kernel for the tensors it
+    takes and :func:`_update_chunk` for the others; a group wholly in the CPU kernel, with coefficients
+    that do not depend on the norms, takes :func:`one_call_step` instead.
+
+    ``fused``: run the elementwise part of Schedule-Free updates fused where the tensor allows it: the
     CPU multi-tensor kernel (:mod:`refadamw.kernels.native`), else one compiled pass per tensor
     (:mod:`refadamw.kernels.fused`). ``index_offsets``: where each (sharded) tensor starts in its whole
     tensor, for the rounding noise. ``cache``: a dict the caller keeps for this group while its tensors
@@ -58,22 +67,33 @@ def multi_tensor_update(
 
     lrs, etas = [], []
     for plan, norm in zip(plans, vectors):
-        idx, device, dtype = plan.idx, plan.device, plan.dtype
-        lr_t, eta = _update_bucket(
-            plan,
-            [params[i] for i in idx],
-            [grads[i] for i in idx],
-            norm,
-            [states[i] for i in idx],
-            [layouts[i] for i in idx],
-            [fresh[i] for i in idx],
-            [index_offsets[i] for i in idx],
-            hyper,
-            keep.to(device),
-            dtype,
-            None if control is None else (control.lam.to(device), torch.where(finite, control.pull, 0.0).to(device)),
-            fused,
-        )
+        device, dtype, n = plan.device, plan.dtype, len(plan.idx)
+        bucket_keep = keep.to(device)
+        ref = None if control is None else (control.lam.to(device), torch.where(finite, control.pull, 0.0).to(device))
+        new, scalars, lr_t, eta = _step_scalars(plan, norm, hyper, bucket_keep, dtype, ref)
+        rest = range(n)  # positions in the bucket that the multi-tensor ops update
+        if plan.native is not None:
+            # The CPU kernel, one call for the tensors it takes; False (nothing done): a gradient no longer fits it.
+            ids = [plan.idx[j] for j in plan.native_idx]
+            step, tensor_keys, *columns = _select(plan.native_idx, n, [new["step"], plan.vectors["rounding_key"],
+                                                                        *plan.columns(hyper, scalars)])
+            if plan.native.update([params[i] for i in ids], [grads[i] for i in ids], [fresh[i] for i in ids], columns,
+                                  step, tensor_keys):
+                rest = plan.rest_idx
+        if rest:
+            ids = [plan.idx[j] for j in rest]
+            step, tensor_keys, *values = _select(rest, n, [new["step"], plan.vectors["rounding_key"],
+                                                           *scalars.values()])
+            rest_params, rest_grads, rest_states, rest_layouts = _pick(ids, params, grads, states, layouts)
+            k = _per_tensor(rest_params, rest_states, [fresh[i] for i in ids], [index_offsets[i] for i in ids], hyper,
+                            dtype, step, dict(zip(scalars, values)), tensor_keys, fused)
+            # Large tensors in chunks, on every device: each chunk's temporaries (fp32 copies of low-precision
+            # storage, the direction d) stay small, and on CPU they are reused step after step instead of
+            # costing page faults.
+            for part in _chunks(rest_params, CHUNK_NUMEL):
+                _update_chunk(rest_params[part], rest_grads[part], rest_states[part], rest_layouts[part], hyper, dtype,
+                              {name: v[part] for name, v in k.items()})
+        plan.commit([states[i] for i in plan.idx], new, bucket_keep)
         lrs.append(lr_t.to(keep.device, torch.float32))
         etas.append(eta.to(keep.device, torch.float32))
     return StepReport(keep, torch.cat(lrs).mean(), torch.cat(etas).mean())
@@ -200,7 +220,7 @@ def bucket_norms(plans: list[BucketPlan], params, grads) -> list[torch.Tensor]:
 
 
 CHUNK_NUMEL = 1 << 18
-"""The multi-tensor path runs in chunks of about this many elements (see _update_rest)."""
+"""The multi-tensor path runs in chunks of about this many elements (see multi_tensor_update)."""
 
 
 def _chunks(params, max_numel: int | None):
@@ -282,78 +302,69 @@ def one_call_step(plan: BucketPlan, params, grads, states, h: Hyper) -> StepRepo
     return StepReport(keep, lr_t.float().mean(), eta.float().mean())
 
 
-def _update_bucket(plan: BucketPlan, params, grads, norm, states, layouts, fresh, offsets, h: Hyper, keep, dtype,
-                   ref, fused=False):
-    new, scalars, lr_t, eta = _step_scalars(plan, norm, h, keep, dtype, ref)
-    step = new["step"]
-    rest = list(range(len(params)))
-    if plan.native is not None and _native_step(plan, params, grads, h, step, scalars, fresh):
-        rest = plan.rest_idx
-    if rest:
-        pick = (lambda xs: [xs[j] for j in rest]) if len(rest) < len(params) else (lambda xs: xs)
-        sel = torch.tensor(rest, dtype=torch.int64, device=step.device) if len(rest) < len(params) else None
-        _update_rest(pick(params), pick(grads), pick(states), pick(layouts), pick(fresh), pick(offsets), h, dtype,
-                     step if sel is None else step[sel],
-                     {k: v[sel] if sel is not None and v.dim() else v for k, v in scalars.items()}, fused,
-                     plan.vectors["rounding_key"] if sel is None else plan.vectors["rounding_key"][sel])
-    plan.commit(states, new, keep)
-    return lr_t, eta
+def _select(positions: list[int], n: int, vectors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The entries at ``positions`` of per-tensor ``vectors`` of a bucket of ``n`` tensors (a 0-d tensor holds
+    for every tensor and stays as it is); all of them: the vectors themselves."""
+    if len(positions) == n:
+        return vectors
+    sel = torch.tensor(positions, dtype=torch.int64, device=vectors[0].device)
+    return [v[sel] if v.dim() else v for v in vectors]
 
 
-def _native_step(plan: BucketPlan, params, grads, h: Hyper, step, scalars, fresh) -> bool:
-    """The CPU kernel's share of the bucket; False (nothing done) when a gradient no longer fits it."""
-    chosen = plan.native_idx
-    pick = (lambda xs: [xs[j] for j in chosen]) if len(chosen) < len(params) else (lambda xs: xs)
-    device = step.device
-    sel = torch.tensor(chosen, dtype=torch.int64, device=device) if len(chosen) < len(params) else None
-    columns = plan.columns(h, scalars)
-    tensor_keys = plan.vectors["rounding_key"]
-    if sel is not None:
-        columns = [c[sel] if c.dim() else c for c in columns]
-        tensor_keys, step = tensor_keys[sel], step[sel]
-    return plan.native.update(pick(params), pick(grads), pick(fresh), columns, step, tensor_keys)
-
-
-def _update_rest(params, grads, states, layouts, fresh, offsets, h: Hyper, dtype, step, scalars, fused,
-                 tensor_keys):
-    """The tensors the CPU kernel does not take: multi-tensor ops, in chunks, or a compiled pass per tensor."""
-    # Large tensors in chunks, on every device: each chunk's temporaries (fp32 copies of low-precision
-    # storage, the direction d) stay small, and on CPU they are reused step after step instead of
-    # costing page faults.
-    per_tensor = {k: list(v.unbind()) if v.dim() else [v] * len(params) for k, v in scalars.items()}
-    device = step.device
+def _per_tensor(params, states, fresh, offsets, h: Hyper, dtype, step, scalars, tensor_keys, fused
+                ) -> dict[str, list]:
+    """The per-tensor arguments of :func:`_update_chunk`, as lists: this step's ``scalars`` (vectors, or 0-d
+    for all), the compiled pass's coefficient row ``coef`` (only where it may run), ``fresh``, and the
+    rounding keys of the three writes, computed once for all the chunks."""
+    n = len(params)
+    k = {name: list(v.unbind()) if v.dim() else [v] * n for name, v in scalars.items()}
     if fused and h.schedule_free and dtype == torch.float32 and fused_kernel.available():
-        per_tensor["coef"] = list(_fused_coefficients(scalars, h, len(params), device).unbind())
-    per_tensor["fresh"] = fresh
-    per_tensor["key_param"] = _rounding_keys(tensor_keys, step, Salt.PARAM, params, dtype, offsets)
+        values = {"weight_decay": device_scalar(h.weight_decay, step.device), **scalars}
+        k["coef"] = list(torch.stack([values[name].float().expand(n) for name in fused_kernel.COEFFICIENTS],
+                                     dim=1).unbind())  # (n, 5), in the order of fused.COEFFICIENTS
+    k["fresh"] = fresh
+    k["key_param"] = _rounding_keys(tensor_keys, step, Salt.PARAM, params, dtype, offsets)
     vs = [s["exp_avg_sq"] for s in states]
     v_offsets = [buffer_offset(o, p, v) for o, p, v in zip(offsets, params, vs)]
-    per_tensor["key_v"] = _rounding_keys(tensor_keys, step, Salt.EXP_AVG_SQ, vs, dtype, v_offsets)
+    k["key_v"] = _rounding_keys(tensor_keys, step, Salt.EXP_AVG_SQ, vs, dtype, v_offsets)
     buffer, salt = ("z_minus_y", Salt.Z_MINUS_Y) if h.schedule_free else ("exp_avg", Salt.EXP_AVG)
-    per_tensor["key_buffer"] = _rounding_keys(tensor_keys, step, salt, [s[buffer] for s in states], dtype, offsets)
-    for part in _chunks(params, CHUNK_NUMEL):
-        _update_tensors(params[part], grads[part], states[part], layouts[part], h, dtype,
-                        {k: v[part] for k, v in per_tensor.items()})
+    k["key_buffer"] = _rounding_keys(tensor_keys, step, salt, [s[buffer] for s in states], dtype, offsets)
+    return k
 
 
-def _fused_coefficients(scalars: dict[str, torch.Tensor], h: Hyper, n: int, device) -> torch.Tensor:
-    """An ``(n, 5)`` fp32 matrix: each tensor's scalars in the order of ``fused.COEFFICIENTS``."""
-    values = {"weight_decay": device_scalar(h.weight_decay, device), **scalars}
-    return torch.stack([values[name].float().expand(n) for name in fused_kernel.COEFFICIENTS], dim=1)
+def _update_chunk(params, grads, states, layouts, h: Hyper, dtype, k: dict[str, list]) -> None:
+    """One chunk of a bucket's tensors that the CPU kernel did not take, updated in place.
 
-
-def _update_tensors(params, grads, states, layouts, h: Hyper, dtype, k: dict[str, list[torch.Tensor]]):
+    ``k``: their :func:`_per_tensor` arguments. With ``k["coef"]`` each tensor that fits it takes the
+    compiled pass (:func:`refadamw.kernels.fused.fused_pass`) for the elementwise work, the block-sized
+    work (mean squares, ``v``, denominators) staying here; the others take
+    :func:`refadamw.kernels.common.schedule_free_step` over the list (or, with ``schedule_free=False``,
+    the AdamW-mini step).
+    """
     if "coef" in k:
         fits = [fused_kernel.eligible(p, g, s["z_minus_y"]) for p, g, s in zip(params, grads, states)]
-        if any(fits):  # the compiled pass for the tensors it takes; one that it does not take stays below
+        if any(fits):
             take = [i for i, f in enumerate(fits) if f]
-            _fused_update(*_pick(take, params, grads, states, layouts), h, dtype, {n: _pick(take, v)[0]
-                                                                                 for n, v in k.items()})
+            c_params, c_grads, c_states, c_layouts = _pick(take, params, grads, states, layouts)
+            c_k = {name: _pick(take, v)[0] for name, v in k.items()}
+            # The gradients are read as they are: a non-finite block mean square only matters on a skipped
+            # step, whose v weight is 0, so it is set to 0 to keep v exact; the pass reads NaN/inf g as 0.
+            squares = [torch.nan_to_num_(lay.mean_square(lay.blocked(g), dtype), nan=0.0,
+                                         posinf=torch.finfo(dtype).max) for lay, g in zip(c_layouts, c_grads)]
+            vs = moments(c_states, "exp_avg_sq", squares, c_k["v_weight"], c_k["fresh"], dtype)
+            denoms = denominators(vs, c_k["sqrt_bias2"], h.eps)
+            for i, (p, g, s, dn, lay) in enumerate(zip(c_params, c_grads, c_states, denoms, c_layouts)):
+                args = (lay.grid(p), lay.grid(g), lay.grid(s["z_minus_y"]), lay.grid_v(dn, p.shape),
+                        c_k["coef"][i], c_k["key_param"][i], c_k["key_buffer"][i])
+                if not fused_kernel.fused_pass(*args):
+                    fused_kernel.sf_pass(*args)  # compiling failed: the same arithmetic, uncompiled, this once
+            for s, v, key in zip(c_states, vs, c_k["key_v"]):
+                store(s["exp_avg_sq"], v, key)
             left = [i for i, f in enumerate(fits) if not f]
             if not left:
                 return
             params, grads, states, layouts = _pick(left, params, grads, states, layouts)
-            k = {n: _pick(left, v)[0] for n, v in k.items()}
+            k = {name: _pick(left, v)[0] for name, v in k.items()}
     grads = finite_grads([g.to(dtype) for g in grads])
     blocked_grads = [lay.blocked(g) for lay, g in zip(layouts, grads)]
     squares = finite_squares([lay.mean_square(bg) for lay, bg in zip(layouts, blocked_grads)])
@@ -391,23 +402,3 @@ def _update_tensors(params, grads, states, layouts, h: Hyper, dtype, k: dict[str
 
 def _pick(idx: list[int], *lists):
     return tuple([xs[i] for i in idx] for xs in lists)
-
-
-def _fused_update(params, grads, states, layouts, h: Hyper, dtype, k) -> None:
-    """The block-sized work here, the elementwise pass compiled (kernels/fused.py).
-
-    Gradients are read as they are: a non-finite block mean square only
-    matters on a skipped step, whose ``v`` weight is 0, so it is set to 0 to
-    keep ``v`` exact; the fused pass reads NaN/inf gradients as 0 itself.
-    """
-    squares = [torch.nan_to_num_(lay.mean_square(lay.blocked(g), dtype), nan=0.0, posinf=torch.finfo(dtype).max)
-               for lay, g in zip(layouts, grads)]
-    vs = moments(states, "exp_avg_sq", squares, k["v_weight"], k["fresh"], dtype)
-    denoms = denominators(vs, k["sqrt_bias2"], h.eps)
-    for i, (p, g, s, dn, lay) in enumerate(zip(params, grads, states, denoms, layouts)):
-        args = (lay.grid(p), lay.grid(g), lay.grid(s["z_minus_y"]), lay.grid_v(dn, p.shape),
-                k["coef"][i], k["key_param"][i], k["key_buffer"][i])
-        if not fused_kernel.fused_pass(*args):
-            fused_kernel.sf_pass(*args)  # compiling failed: the same arithmetic, uncompiled, this once
-    for s, v, key in zip(states, vs, k["key_v"]):
-        store(s["exp_avg_sq"], v, key)
