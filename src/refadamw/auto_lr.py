@@ -7,7 +7,9 @@ norm ``n = ‖g‖₂`` and scales its step by ``ē/n``:
     η_t = clamp(lr_t·ē_t/(n_t + 1e-12), min_lr, max_lr)
 
 A gradient spike (``n ≫ ē``) shrinks the step; steady gradients leave it at
-``lr_t``. ``α`` is the seed's ``schedulefree_alpha``.
+``lr_t``. ``α`` is the seed's ``schedulefree_alpha``. Where this sits in the
+whole step (the EMA is kept on every applied step, auto-lr or not) is written
+out in :mod:`refadamw.kernels`.
 
 The seed's bounds were absolute (``min_lr=1e-6, max_lr=1e-2``). That silently
 caps Schedule-Free, whose best lr is often above 1e-2, so when the bounds are

@@ -1,9 +1,10 @@
-"""Schedule-Free averaging.
+"""Schedule-Free averaging: the weights ``c_t``, the Ref share λ on top of them, and the stored offset.
 
 SPEC.md §3 item 4, after Defazio et al., "The Road Less Scheduled" (NeurIPS
-2024), https://arxiv.org/abs/2405.15682. Three sequences:
+2024), https://arxiv.org/abs/2405.15682. The whole step, with the pieces here
+in place, is written out once in :mod:`refadamw.kernels`. Three sequences:
 
-    z_{t+1} = z_t − η_t·d_t                      (fast iterate, stored)
+    z_{t+1} = z_t − η_t·d_t                      (fast iterate)
     x_{t+1} = (1−c_t)·x_t + c_t·z_{t+1}          (weight average, evaluated)
     y_t     = (1−β1)·z_t + β1·x_t                (where gradients are taken)
 
@@ -20,27 +21,13 @@ on the first step. Since ``y − z = β1·(x − z)``, the average is
 
     x = y − (1−β1)/β1 · δ                        (y_to_x, and back: x_to_y)
 
-Substituting the three lines into each other gives the in-place update used
-by the kernels (no ``x`` needed), with ``d_t`` the step direction:
-
-    y_{t+1} = y_t + c_t·δ_t + η_t·(β1·(1−c_t) − 1)·d_t
-    δ_{t+1} = (1−c_t)·(δ_t − η_t·β1·d_t)
-
 The Ref controller (SPEC.md §3 items 5–6) acts through two more pieces here:
-
-* injection: the average also takes a share λ of the iterate,
-  ``x ← (1−λ)·x + λ·z``, which is the same as averaging with
-  ``c_eff = c + λ·(1−c)`` (:func:`ref_weight`);
-* repair: the fast iterate is pulled back toward the average,
-  ``z ← z + ρ·(x − z)``, with ``x`` unchanged. Since ``x − z = −δ/β1``,
-  in terms of the stored pair this is, with ``a = ρ·(1−β1)/β1``,
-
-      y ← y − a·δ,      δ ← (1−ρ)·δ
-
-  ρ = 1 puts both y and z at x.
-
-:func:`offset_coefficients` folds repair and averaging into one pair of
-updates, ``y ← y + k_y·δ + s_y·d`` and ``δ ← k_δ·δ + s_δ·d``.
+injection, ``x ← (1−λ)·x + λ·z`` on top of the averaging, which is averaging
+with ``c_eff = c + λ·(1−c)`` (:func:`ref_weight`); and repair,
+``z ← z + ρ·(x − z)`` with ``x`` unchanged, which on the stored pair is
+``y ← y − a·δ, δ ← (1−ρ)·δ`` with ``a = ρ·(1−β1)/β1`` (ρ = 1 puts both y and
+z at x). :func:`offset_coefficients` folds repair and the averaging step into
+one pair of updates, ``y ← y + k_y·δ + s_y·d`` and ``δ ← k_δ·δ + s_δ·d``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Pieces both kernel paths share: the hyperparameter bundle, the hygiene gate,
-and fp32 working copies of low-precision storage."""
+"""Pieces every kernel path shares: the hyperparameter bundle, the hygiene gate, the moment EMAs and
+denominators, the one elementwise update (:func:`schedule_free_step`), and fp32 working copies of
+low-precision storage. The algorithm they compute is written out in :mod:`refadamw.kernels`."""
 
 from __future__ import annotations
 
@@ -130,7 +131,8 @@ def denominators(vs, sqrt_bias2, eps: float) -> list[torch.Tensor]:
 
 
 def schedule_free_step(ys, ds, offsets, denoms, weight_decay, y_offset, y_step, offset_decay, offset_step) -> None:
-    """The elementwise Schedule-Free update, in place on lists of working tensors (every path's, once):
+    """The elementwise Schedule-Free update, in place on lists of working tensors (every path's, once;
+    the last three lines of the algorithm in :mod:`refadamw.kernels`, in its stored coordinates):
 
         d  = g/denom + wd·y
         y ← y + y_offset·δ + y_step·d

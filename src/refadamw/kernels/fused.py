@@ -3,16 +3,14 @@
 SPEC.md §6. Fused AdamW runs at about the memory bandwidth, moving 28 bytes
 per parameter. The multi-tensor path moves far more: every ``_foreach_*`` op is
 its own pass over the tensors, and a bf16 ``z`` adds the rounding passes. Here
-the elementwise part of the update is one ``torch.compile``-generated loop
-that reads ``y``, ``g`` and ``δ = z − y`` once and writes ``y`` and ``δ`` once
-(16 bytes per parameter with a bf16 ``δ``):
-
-    d  = g/denom + wd·y                 (g with NaN/inf read as 0: see below)
-    y ← y + y_offset·δ + y_step·d
-    δ ← offset_decay·δ + offset_step·d   stochastically rounded when bf16/fp16
-
-with the per-tensor coefficients of :func:`refadamw.averaging.offset_coefficients`
-(Ref repair and averaging folded together).
+the elementwise part of the update (its last three lines in the stored
+coordinates, :mod:`refadamw.kernels`) is one ``torch.compile``-generated loop
+of :func:`refadamw.kernels.common.schedule_free_step` that reads ``y``, ``g``
+and ``δ = z − y`` once and writes ``y`` and ``δ`` once (16 bytes per parameter
+with a bf16 ``δ``), ``g`` with NaN/inf read as 0 and the writes into bf16/fp16
+stochastically rounded, with the per-tensor coefficients of
+:func:`refadamw.averaging.offset_coefficients` (Ref repair and averaging folded
+together).
 
 Everything of size "one value per block" stays outside: the block mean
 squares (a row-wise norm, one more read of ``g``), the ``v`` EMA and the
@@ -24,9 +22,8 @@ every shape; a layout whose blocks are not contiguous (dim-1 blocks of a
 Conv1D weight) passes its blocked view and a broadcastable ``denom`` instead
 (:meth:`refadamw.partition.BlockLayout.grid`).
 
-A skipped step (non-finite gradient, or the controller's level 3) runs with
-η = c = 0 and leaves ``y`` and ``δ`` exactly as they were, since the gradient is
-read as 0 where it is not finite.
+A step with a non-finite gradient runs with η = c = ρ = 0 and leaves ``y`` and
+``δ`` exactly as they were, since the gradient is read as 0 where it is not finite.
 
 If compiling fails (no C++ compiler, say) the optimizer warns once and the
 multi-tensor path takes over; ``REFADAMW_COMPILE=0`` skips compiling.
@@ -55,7 +52,7 @@ def _store(dst: torch.Tensor, value: torch.Tensor, key: torch.Tensor | None) -> 
 
 
 def sf_pass(y, g, offset, denom, coef, key_y, key_offset) -> None:
-    """One tensor's elementwise Schedule-Free update, in place (see the module docstring).
+    """One tensor's elementwise Schedule-Free update, in place (:func:`~refadamw.kernels.common.schedule_free_step`).
 
     ``y``, ``g``, ``offset``: ``(n_blocks, block_numel)`` views of the
     parameter, its gradient and ``δ = z − y`` (or blocked views); ``denom``:

@@ -11,7 +11,8 @@ group, as ``torch._fused_adamw_`` does for AdamW:
 2. :meth:`Plan.update` then reads ``g``, ``y`` and ``δ = z − y`` once more
    and writes ``y``, ``δ`` and ``v`` once, a block at a time: ``v``, the
    denominator and the elementwise Schedule-Free step of
-   :mod:`refadamw.kernels.common` (equations in ``native.c``);
+   :mod:`refadamw.kernels.common` (the algorithm: :mod:`refadamw.kernels`;
+   ``native.c`` lists the operations in its order);
 3. :meth:`Plan.step` does both in one parallel region, gate included, when
    the coefficients do not depend on the norms.
 

@@ -1,41 +1,8 @@
-r"""Per-tensor reference update: readable, and the ground truth for the fast path.
+"""Per-tensor reference update: readable, and the ground truth for the fast paths.
 
-SPEC.md §3 items 1–4. For each param group, with per-tensor step ``t``
-(counting from 1, advanced only by applied steps), gradient ``g`` and the
-parameter tensor holding ``y``; all math in fp32 (fp64 for fp64 params):
-
-    finite = every gradient norm in the group is finite        (hygiene, §3.1)
-             — when false, nothing below is written: state and weights stay
-    keep   = finite and not skipped by the Ref controller      (repair, §3.6)
-             — when false, the gradient is left out: η = c = 0, v and t stay
-    lr_t   = lr · min(1, t / warmup_steps)
-    n      = ‖g‖₂
-    ē      = n                      if t = 1                    (auto-lr, §3.2)
-             (1−α)·ē + α·n          otherwise
-    η      = clamp(lr_t·ē/(n + 1e-12), min_lr, max_lr)  if auto_lr  else lr_t
-    s_b    = mean_{i∈b} g_i²   per block b (mini)   or   g_i²   per element
-    v      = β2·v + (1−β2)·s        (v = (1−β2)·s on a fresh state) (Adam-mini, §3.3)
-    denom  = sqrt(v) / sqrt(1−β2^t) + eps   broadcast over each block
-
-  Schedule-Free (§3.4, Defazio et al. 2024), with the Ref controller's λ, ρ (§3.5–6).
-  The state holds δ = z − y, not z (refadamw.averaging explains why):
-    d      = g/denom + wd·y
-    a      = ρ·(1−β1)/β1                     (ρ = 0 when not finite)
-    y      ← y − a·δ;  δ ← (1−ρ)·δ           z ← z + ρ·(x − z), x kept
-    lr_max = max(lr_max, lr_t),  W = W + lr_max²,  c = lr_max²/W
-    c      ← c + λ·(1−c)                     x ← (1−λ)·x + λ·z on top of averaging
-    y      ← y + c·δ + η·(β1·(1−c) − 1)·d    y = (1−β1)·z + β1·x
-    δ      ← (1−c)·(δ − η·β1·d)              z ← z − η·d;  δ starts at 0 (z = y)
-
-  schedule_free=False (AdamW-mini, for ablations; the controller can only skip):
-    m      = β1·m + (1−β1)·g        (m = (1−β1)·g on a fresh state)
-    d      = (m/(1−β1^t))/denom + wd·y
-    y      ← y − η·d
-
-  Storage (§3.7): every result above is computed in fp32 and written into
-  bf16/fp16 storage (y, δ, m, v) by unbiased stochastic rounding, keyed by
-  (element, t, tensor, seed, buffer); see :mod:`refadamw.precision`. A fresh
-  state's v and m are computed directly from the first gradient (no zero fill).
+It computes the algorithm written out in :mod:`refadamw.kernels` (SPEC.md §3.1–3.7) one tensor at
+a time: :func:`single_tensor_update` takes the group's gates, and :func:`_update_one` one tensor's
+step, calling :func:`refadamw.kernels.common.schedule_free_step` with one-element lists.
 """
 
 from __future__ import annotations
