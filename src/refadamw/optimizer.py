@@ -93,7 +93,8 @@ class AdamWMiniSF(torch.optim.Optimizer):
                         weight_decay=weight_decay, warmup_steps=warmup_steps, auto_lr=auto_lr, min_lr=min_lr,
                         max_lr=max_lr, norm_ema_alpha=norm_ema_alpha, mini=mini, schedule_free=schedule_free,
                         state_dtype=state_dtype, block_rows=block_rows, foreach=foreach, fused=fused)
-        check_hyperparameters(defaults, {"norm_ema_alpha": "schedulefree_alpha"} if schedulefree_alpha is not NOT_GIVEN else None)
+        spelled = {"norm_ema_alpha": "schedulefree_alpha"} if schedulefree_alpha is not NOT_GIVEN else None
+        check_hyperparameters(defaults, spelled)
         if isinstance(params, Mapping):
             raise TypeError("params is a single param group (a dict); pass a list of param groups: [{'params': ...}]")
         if isinstance(params, (set, frozenset)):

@@ -32,7 +32,8 @@ def main(path):
             grads(m, s)
             opt.step()
         # state_dict() holds the live tensors: copy it before stepping on
-        saved = {"model": {k: v.clone() for k, v in m.state_dict().items()}, "optimizer": copy.deepcopy(opt.state_dict())}
+        saved = {"model": {k: v.clone() for k, v in m.state_dict().items()},
+                 "optimizer": copy.deepcopy(opt.state_dict())}
         for s in range(3, 6):
             grads(m, s)
             opt.step()
