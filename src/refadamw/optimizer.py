@@ -23,8 +23,8 @@ from .averaging import x_to_y, y_to_x
 from .backward_norms import BackwardNorms
 from .controller import RefController, Signals
 from .precision import AUTO, Salt, compute_dtype, rounding_keys, write_back
-from .validation import (NOT_GIVEN, check_alias, check_bool, check_grads, check_hyperparameters, check_number,
-                         check_seed, check_sequence, check_signal, check_steps)
+from .validation import (NOT_GIVEN, check_alias, check_grads, check_hyperparameters, check_seed, check_signal,
+                         check_steps)
 
 _STAT_KEYS = ("steps", "skipped_steps", "lr", "effective_lr")
 
@@ -144,10 +144,7 @@ class AdamWMiniSF(torch.optim.Optimizer):
         if "params" not in param_group:
             raise ValueError(f"a param group needs a 'params' entry, got keys {sorted(param_group)}")
         spelled = {"norm_ema_alpha": "schedulefree_alpha"} if "schedulefree_alpha" in param_group else None
-        if spelled:  # in place: the group stored is the caller's dict, as in torch
-            renamed = param_state.renamed(param_group)
-            param_group.clear()
-            param_group.update(renamed)
+        param_state.rename_seed_keys(param_group)  # in place: the group stored is the caller's dict, as in torch
         params = param_group.get("params")
         if params is not None and not isinstance(params, (torch.Tensor, set)):
             param_group["params"] = params = list(params)  # a generator can be read only once
@@ -427,14 +424,9 @@ class RefAdamWMiniSF(AdamWMiniSF):
                  **kwargs: Any) -> None:
         if "controller" in kwargs:
             raise TypeError("RefAdamWMiniSF builds its own controller; pass controller= to AdamWMiniSF instead")
-        check_number("ref_alpha", ref_alpha, 0.0, high=1.0)
-        window = check_sequence("ref_window", ref_window, 2, 0.0, high=1.0, what="a pair (start, end)")
-        if window[0] > window[1]:
-            raise ValueError(f"ref_window start must not exceed its end, got {tuple(ref_window)}")
         if ref_max_steps is not NOT_GIVEN:
             check_steps("ref_max_steps", ref_max_steps, " (it is the seed's name for total_steps)")
         total_steps = check_alias("total_steps", total_steps, None, "ref_max_steps", ref_max_steps)
-        check_steps("total_steps", total_steps)
-        check_bool("repair", repair)
-        super().__init__(params, *args, controller=RefController(float(ref_alpha), window, total_steps, repair),
+        # the controller checks its arguments, before the optimizer checks its own
+        super().__init__(params, *args, controller=RefController(ref_alpha, ref_window, total_steps, repair),
                          **kwargs)

@@ -146,15 +146,13 @@ SEED_GROUP_KEYS = {"schedulefree_alpha": "norm_ema_alpha"}
 """Param-group keys under their seed names (checkpoints written before the rename) → today's."""
 
 
-def renamed(group: Mapping[str, Any]) -> dict[str, Any]:
-    """``group`` with its seed-named keys under today's names (a group may not hold both)."""
-    out = dict(group)
+def rename_seed_keys(group: dict[str, Any]) -> None:
+    """Put ``group``'s seed-named keys under today's names, in place (a group may not hold both)."""
     for old, new in SEED_GROUP_KEYS.items():
-        if old in out:
-            if new in out:
+        if old in group:
+            if new in group:
                 raise ValueError(f"a param group holds both {old!r} and its new name {new!r}; give only one")
-            out[new] = out.pop(old)
-    return out
+            group[new] = group.pop(old)
 
 
 def checked_load(class_name: str, groups: list[dict[str, Any]], defaults: Mapping[str, Any], stat_keys: tuple,
@@ -175,7 +173,8 @@ def checked_load(class_name: str, groups: list[dict[str, Any]], defaults: Mappin
     for i, (group, saved) in enumerate(zip(groups, saved_groups)):
         if not isinstance(saved, Mapping):
             raise TypeError(f"param group {i} of the state_dict is not a dict")
-        saved = renamed(saved)
+        saved = dict(saved)
+        rename_seed_keys(saved)
         lacking = required - set(saved)
         if lacking:
             raise ValueError(f"the state_dict does not come from {class_name} (param group {i} lacks {sorted(lacking)})")
