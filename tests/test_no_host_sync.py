@@ -110,3 +110,23 @@ def test_a_tensor_weight_decay_never_syncs_and_decays_like_its_float(path, monke
         runs.append(model)
     for p, q in zip(*(m.parameters() for m in runs)):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("cls", [AdamWMiniSF, RefAdamWMiniSF])
+def test_a_fused_backward_pass_never_syncs(cls):
+    """The per-parameter steps run inside backward; with a controller, its spike test and the decision
+    at the end of the step are tensor arithmetic too."""
+    from refadamw import fused_backward
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 512), torch.nn.ReLU(), torch.nn.Linear(512, 3))
+    opt = cls(model.parameters(), warmup_steps=2, state_dtype="bf16", fused_back_pass=True)
+    fused_backward(model, opt, max_grad_norm=1.0)
+    x = torch.randn(16, 8)
+    for dtype in precision.LOW_PRECISION:
+        precision.stochastic_round(torch.randn(8), dtype, torch.tensor(1, dtype=torch.int32))
+    for step in range(5):
+        loss = model(x).pow(2).mean()
+        with host_syncs_forbidden() if step >= 2 else contextlib.nullcontext():
+            loss.backward()
+            opt.step(**({"loss": loss.detach()} if cls is RefAdamWMiniSF else {}))
+    assert opt.stats()["steps"].item() == 5

@@ -1,5 +1,6 @@
 """Ref-AdamW-mini-ScheduleFree: low-memory, schedule-free AdamW for PyTorch."""
 
+from .back_pass import fused_backward
 from .batchnorm import recompute_bn_stats
 from .checkpoint import averaged_state_dict, load_sharded, save_atomic, save_averaged, save_sharded
 from .groups import param_groups
@@ -11,5 +12,5 @@ AdamWMiniScheduleFree = AdamWMiniSF
 RefAdamWMiniScheduleFree = RefAdamWMiniSF
 
 __all__ = ["AdamWMiniSF", "AdamWMiniScheduleFree", "RefAdamWMiniSF", "RefAdamWMiniScheduleFree", "averaged_state_dict",
-           "load_sharded", "param_groups", "recompute_bn_stats", "save_atomic", "save_averaged", "save_sharded"]
+           "fused_backward", "load_sharded", "param_groups", "recompute_bn_stats", "save_atomic", "save_averaged", "save_sharded"]
 __version__ = "0.1.0"

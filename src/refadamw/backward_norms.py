@@ -55,6 +55,10 @@ class BackwardNorms:
                    / torch.distributed.get_world_size()).sqrt()
         return raw
 
+    def pop(self, param: torch.Tensor) -> torch.Tensor | None:
+        """The norm recorded for ``param`` since the last ``take``/``clear`` (None: none), forgotten."""
+        return self._norms.pop(param, None)
+
     def clear(self) -> None:
         """Forget what was recorded (a backward that never reached ``step()``, such as a scaler's inf skip)."""
         self._norms.clear()

@@ -117,11 +117,15 @@ _STATE: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {
     "gnorm_count": (torch.int64, ()), "gnorm_run": (torch.int64, ()),
     "val_history": (torch.float32, (HISTORY,)), "val_count": (torch.int64, ()),
     "suspended": (torch.bool, ()), "improve_run": (torch.int64, ()),
-    "lam": (torch.float32, ()), "level": (torch.int64, ()),
+    "lam": (torch.float32, ()), "pull": (torch.float32, ()), "level": (torch.int64, ()),
     "repairs": (torch.int64, ()), "skips": (torch.int64, ()), "flagged_steps": (torch.int64, ()),
     "grad_scale_log2": (torch.float32, ()),  # log2 of the loss scale last seen between backward and step()
 }
-_OPTIONAL = {"grad_scale_log2"}  # keys added later: a state_dict without them loads with zeros
+_OPTIONAL = {"grad_scale_log2", "pull"}  # keys added later: a state_dict without them loads with zeros
+MIN_SHARE = 0.25
+"""Fused backward pass: the share of the previous step's squared norm the tensors seen so far must hold
+before their norm is projected to the whole step's (:meth:`RefController.spike_so_far`); a few tensors'
+norms alone vary more than the global one."""
 SCALE_TOLERANCE = 1e-5
 """|log2(raw/seen) − k| below this (7e-6 relative) reads as an exact power-of-two scale 2^k: a clipped
 step's ratio has an arbitrary mantissa, so a clipped step is taken for a scale change once in ~10⁵."""
@@ -322,7 +326,7 @@ class RefController:
             pull, skip = torch.where(sustained, rung, 0.0), level >= self.skip_level
         else:
             pull, skip = torch.zeros_like(lam), torch.zeros_like(allowed)
-        s["lam"], s["level"] = lam, level
+        s["lam"], s["pull"], s["level"] = lam, pull, level
         # A skipped step leaves the clock too: the window then falls on the same updates as in a run
         # without the bad batch (with the clock running on, the spiked run lost 3 injected updates at
         # the window's end, which alone cost up to 1.5% of final loss on a small MLP).
@@ -331,6 +335,37 @@ class RefController:
         s["skips"] = s["skips"] + skip.long()
         s["flagged_steps"] = s["flagged_steps"] + (level > 0).long()
         return Decision(lam, pull, skip, level)
+
+    def standing(self) -> Decision:
+        """The last decision's λ and pull, without its skip: what a fused backward pass applies during the
+        next backward, whose own signals are known only once it ends. Kept in the state, so a resumed run
+        applies the same."""
+        s = self._s
+        return Decision(s["lam"], s["pull"], torch.zeros((), dtype=torch.bool, device=self.device), s["level"])
+
+    def spike_so_far(self, seen_sq: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
+        """Fused backward pass: whether the step being applied tensor by tensor is already known to be at
+        level ``skip_level`` or more, before its global norm is (a 0-d bool; never while warming up, or
+        with ``repair=False``).
+
+        ``seen_sq``: the sum of the squared (unclipped) norms of the gradients seen so far in this
+        backward; ``share``: the share of the previous step's squared global norm those tensors held
+        (0: unknown). Two estimates of the log global norm are tested against the running statistics,
+        with the z-score threshold of ``skip_level``: ``½·log seen_sq``, a lower bound, so certain,
+        and, once ``share ≥`` :data:`MIN_SHARE`, the projection ``½·log(seen_sq / share)``, which sees a
+        spike that hits every tensor alike from its first tensors on. A loss fed by :meth:`observe`
+        before backward counts too.
+        """
+        s = self._s
+        if not self.repair or self.skip_level > 3:
+            return torch.zeros((), dtype=torch.bool, device=self.device)
+        threshold = self.gnorm_z[self.skip_level - 1]
+        sigma = s["gnorm_var"].sqrt().clamp(min=self.gnorm_min_std)
+        log_seen = 0.5 * seen_sq.to(self.device, torch.float32).log()
+        share = share.to(self.device, torch.float32)
+        bound = (log_seen - s["gnorm_ema"]) / sigma > threshold
+        projected = (share >= MIN_SHARE) & ((log_seen - 0.5 * share.log() - s["gnorm_ema"]) / sigma > threshold)
+        return ((s["gnorm_count"] >= self.warmup) & (bound | projected)) | (s["loss_pending"] >= self.skip_level)
 
     def _global_norm(self, signals: Signals) -> torch.Tensor:
         """The caller's measured norm, else the unclipped one from the recorded and seen norms."""

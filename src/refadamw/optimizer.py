@@ -22,9 +22,10 @@ from . import kernels, param_state, sharding
 from .averaging import x_to_y, y_to_x
 from .backward_norms import BackwardNorms
 from .controller import RefController, Signals
+from .back_pass import BackwardRound
 from .precision import AUTO, Salt, compute_dtype, rounding_keys, write_back
-from .validation import (NOT_GIVEN, check_alias, check_grads, check_hyperparameters, check_seed, check_signal,
-                         check_steps)
+from .validation import (NOT_GIVEN, check_alias, check_bool, check_grads, check_hyperparameters, check_seed,
+                         check_signal, check_steps)
 
 _STAT_KEYS = ("steps", "skipped_steps", "lr", "effective_lr")
 
@@ -79,6 +80,10 @@ class AdamWMiniSF(torch.optim.Optimizer):
             skip from the step's :class:`refadamw.controller.Signals`
             (:class:`refadamw.controller.RefController`; None: none).
             :class:`RefAdamWMiniSF` is this class with one.
+        fused_back_pass: step each parameter inside backward with :meth:`step_parameter`, as its
+            gradient arrives, so the gradients never exist all at once; ``step()`` then only finishes
+            the step (:mod:`refadamw.back_pass`, docs/fused_backward.md; the hooks:
+            :func:`refadamw.fused_backward`).
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 3e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -86,8 +91,10 @@ class AdamWMiniSF(torch.optim.Optimizer):
                  min_lr: float | None = None, max_lr: float | None = None, norm_ema_alpha: float = 0.05,
                  mini: bool = True, schedule_free: bool = True, state_dtype: str | torch.dtype = AUTO,
                  block_rows: int = 1, foreach: bool | None = None, fused: bool | None = None, seed: int = 0,
-                 controller: RefController | None = None, *, schedulefree_alpha: float = NOT_GIVEN) -> None:
+                 controller: RefController | None = None, *, fused_back_pass: bool = False,
+                 schedulefree_alpha: float = NOT_GIVEN) -> None:
         self.seed = check_seed(seed)
+        self.fused_back_pass = check_bool("fused_back_pass", fused_back_pass)
         norm_ema_alpha = check_alias("norm_ema_alpha", norm_ema_alpha, 0.05, "schedulefree_alpha", schedulefree_alpha)
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                         weight_decay=weight_decay, warmup_steps=warmup_steps, auto_lr=auto_lr, min_lr=min_lr,
@@ -112,9 +119,14 @@ class AdamWMiniSF(torch.optim.Optimizer):
     # -- what is not state: hooks and caches, built again by a copy or an unpickled optimizer ---------
     def _attach(self) -> None:
         self._plans: dict[int, param_state.GroupPlan] = {}
+        self._param_plans: dict[tuple[int, int], param_state.GroupPlan] = {}  # fused back pass: one per parameter
+        self._round: BackwardRound | None = None
+        self._shares: tuple = (None, None)
+        self._step_called = False
         self.backward_norms = None if self.controller is None else BackwardNorms(
             [p for g in self.param_groups for p in g["params"]])
         self._own_hooks = {  # torch's own extension points for state_dict and load_state_dict
+            "end": self.register_state_dict_pre_hook(AdamWMiniSF._end_backward, prepend=True),
             "save": self.register_state_dict_post_hook(AdamWMiniSF._save_controller, prepend=True),
             "check": super().register_load_state_dict_pre_hook(AdamWMiniSF._check_load),
             "install": self.register_load_state_dict_post_hook(AdamWMiniSF._install_load, prepend=True),
@@ -122,11 +134,13 @@ class AdamWMiniSF(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim keeps only defaults, state and param_groups; a copy needs the seed and the controller
-        return {**super().__getstate__(), "seed": self.seed, "controller": self.controller}
+        return {**super().__getstate__(), "seed": self.seed, "controller": self.controller,
+                "fused_back_pass": self.fused_back_pass}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._plans = {}  # loaded or copied state: every group's plan is rebuilt on the next step
+        self._plans, self._param_plans = {}, {}  # loaded or copied state: every plan is rebuilt on the next step
+        self._round = None
         if "_own_hooks" not in self.__dict__:  # unpickled or deep-copied
             self._attach()
 
@@ -194,12 +208,117 @@ class AdamWMiniSF(torch.optim.Optimizer):
         if plan is None or not plan.holds(group, with_grad, self.state):
             plan = self._plans[id(group)] = param_state.plan_group(group, self.state, self.seed, first_ordinal,
                                                                    with_grad)
-        fresh, plan.fresh = plan.fresh, [False] * len(plan.params)
-        # bf16/fp16 gradients are read as they are; a wider one than the math is narrowed first
-        whole = [p.grad.to(torch.float32) if p.grad.dtype == torch.float64 and p.dtype != torch.float64 else p.grad
-                 for p in plan.whole]
-        grads = [sharding.local(g) for g in whole] if plan.cache is None else whole
-        return plan, grads, whole, fresh
+        return (plan, *_gradients(plan))
+
+    # -------------------------------------------------------------- fused back pass
+    def supports_fused_back_pass(self) -> bool:
+        """True: :meth:`step_parameter` exists (OneTrainer's test; the mode is ``fused_back_pass=True``)."""
+        return True
+
+    @torch.no_grad()
+    def step_parameter(self, p: torch.Tensor, group: dict[str, Any], i: int | None = None) -> None:
+        """Apply ``p``'s update now, from its gradient (``fused_back_pass=True``): the call a
+        post-accumulate-grad hook makes. ``group`` is ``p``'s param group, ``i`` its index there
+        (OneTrainer passes it; found when None). The caller frees ``p.grad`` afterwards.
+
+        The update is the one ``step()`` applies to the whole group; with a controller, its decision
+        comes from the previous step, and a spike is skipped from the first tensor that shows it
+        (:mod:`refadamw.back_pass`). A parameter stepped a second time begins the next step (a
+        loop that never calls ``step()``, as kohya's); once ``step()`` has been called, that is
+        gradient accumulation across backward passes, which is refused."""
+        if not self.fused_back_pass:
+            raise RuntimeError(f"{type(self).__name__}.step_parameter() needs fused_back_pass=True (pass it when "
+                               "building the optimizer); otherwise step() would apply this update a second time")
+        if p.grad is None:
+            return
+        check_grads([{"params": [p]}], type(self).__name__)
+        if self._round is not None and self._round.has(p):
+            if self._step_called:
+                raise RuntimeError(
+                    "step_parameter() was called twice for one parameter before step(): with fused_back_pass=True "
+                    "each backward applies its gradients, so gradient accumulation over several backward passes "
+                    "cannot work; use an accumulation of 1 (or call step() after every backward)")
+            self._end_backward()
+        if self._round is None:
+            self._begin_backward(p)
+        index = self._index_in(group, p, i)
+        plan = self._param_plan(group, index)
+        grads, _, fresh = _gradients(plan)
+        norms = control = None
+        if self.controller is not None:
+            native = group["schedule_free"] and group["foreach"] is not False and group["fused"] is not False
+            norms = kernels.grad_norms(plan.params, grads, plan.states, plan.layouts, cache=plan.cache, native=native)
+            self._round.see(p, norms[0], self.backward_norms.pop(p))
+            skip = self._round.skip | self.controller.spike_so_far(self._round.sq, self._round.share)
+            self._round.skip = skip | ~norms[0].isfinite().to(skip.device)  # the rest of this backward too
+            standing = self.controller.standing()
+            control = kernels.Control(standing.lam, standing.pull, skip)
+        report = kernels.update(plan.params, grads, plan.states, plan.layouts, param_state.hyper(group), fresh=fresh,
+                                norms=norms, control=control, foreach=group["foreach"] is not False,
+                                fused=group["fused"] is not False, index_offsets=plan.offsets, cache=plan.cache)
+        self._round.record(group, p, report.applied, report.lr, report.effective_lr)
+
+    step_param = step_parameter
+    """kohya sd-scripts' name: its ``--fused_backward_pass`` hooks call ``optimizer.step_param(p, group)``."""
+
+    def _index_in(self, group: dict[str, Any], p: torch.Tensor, i: int | None) -> int:
+        params = group["params"]
+        if i is not None and 0 <= i < len(params) and params[i] is p:
+            return i
+        indices = self.__dict__.setdefault("_indices", {})
+        index = indices.get(id(p))
+        if index is None or index >= len(params) or params[index] is not p:
+            indices.update({id(q): j for j, q in enumerate(params)})
+            index = indices.get(id(p))
+            if index is None or params[index] is not p:
+                raise ValueError("step_parameter(): the parameter is not in the param group given")
+        return index
+
+    def _param_plan(self, group: dict[str, Any], index: int) -> param_state.GroupPlan:
+        key = (id(group), index)
+        plan = self._param_plans.get(key)
+        if plan is None or not plan.holds(group, [index], self.state):
+            p = group["params"][index]
+            if sharding.is_sharded(p):
+                raise RuntimeError("fused_back_pass=True does not support sharded (FSDP) parameters: their "
+                                   "gradients are reduce-scattered after the hook that would step them")
+            first = 0
+            for g in self.param_groups:
+                if g is group:
+                    break
+                first += len(g["params"])
+            plan = self._param_plans[key] = param_state.plan_group(group, self.state, self.seed, first, [index])
+        return plan
+
+    def _begin_backward(self, p: torch.Tensor) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            raise RuntimeError("fused_back_pass=True needs a single process: under DDP a hook sees its rank's own "
+                               "gradient before the ranks average it")
+        self._check_train_mode()
+        if self.controller is not None and p.device != self.controller.device:
+            self.controller.to(p.device)
+        device = p.device if self.controller is None else self.controller.device
+        self._round = BackwardRound(device, *self._shares)
+
+    def _end_backward(self, loss=None, val_loss=None, max_steps=None) -> None:
+        """Finish the open backward's step, if any: group stats and the controller's decision."""
+        done, self._round = self._round, None
+        if done is None:
+            return
+        done.finish_stats()
+        if self.controller is not None:
+            device = self.controller.device
+            recorded = None
+            if any(r is not None for r in done.recorded):
+                zero = torch.zeros((), device=device)
+                recorded = kernels.stacked([zero if r is None else r for r in done.recorded], device, torch.float32)
+            self.controller.decide(Signals(loss=loss, val_loss=val_loss, max_steps=max_steps,
+                                           seen_norms=kernels.stacked(done.seen, device, torch.float32),
+                                           backward_norms=recorded))
+            self.backward_norms.clear()
+            self._mirror_controller_stats()
+            self._shares = done.shares()
 
     # -------------------------------------------------------------------- step
     @torch.no_grad()
@@ -214,10 +333,9 @@ class AdamWMiniSF(torch.optim.Optimizer):
         # The seed front doors call this, not step(): torch wraps each class's step() with the step
         # hooks, and calling a wrapped step from another would run every hook twice.
         self._check_signals(loss=loss, val_loss=val_loss, max_steps=max_steps)
-        for group in self.param_groups:
-            if group["schedule_free"] and not group["train_mode"]:
-                raise RuntimeError(f"{type(self).__name__}.step() was called in eval mode; call optimizer.train() "
-                                   "before training (the parameters currently hold the averaged weights x)")
+        if self.fused_back_pass:
+            return self._step_after_backward(closure, loss, val_loss, max_steps)
+        self._check_train_mode()
         closure_loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -254,11 +372,35 @@ class AdamWMiniSF(torch.optim.Optimizer):
             stats["lr"].copy_(report.lr)
             stats["effective_lr"].copy_(report.effective_lr)
         if self.controller is not None:
-            mirrored = self.controller.stats()
-            for group in self.param_groups:
-                for key in self.controller.GROUP_STATS:
-                    group["stats"][key].copy_(mirrored[key])
+            self._mirror_controller_stats()
         return closure_loss
+
+    def _step_after_backward(self, closure, loss, val_loss, max_steps) -> None:
+        if closure is not None:
+            raise RuntimeError("step(closure) cannot run with fused_back_pass=True: the closure's backward would "
+                               "apply the updates inside it, before step() could decide anything; run forward and "
+                               "backward yourself, then call step()")
+        unapplied = sum(1 for g in self.param_groups for p in g["params"]
+                        if p.grad is not None and not (self._round is not None and self._round.has(p)))
+        if unapplied:
+            raise RuntimeError(f"fused_back_pass=True, but step() found {unapplied} gradient(s) that no "
+                               "step_parameter() call applied: register the hooks with refadamw.fused_backward("
+                               "model, optimizer), or call optimizer.step_parameter(p, group, i) from your own "
+                               "post-accumulate-grad hooks")
+        self._step_called = True
+        self._end_backward(loss, val_loss, max_steps)
+
+    def _check_train_mode(self) -> None:
+        for group in self.param_groups:
+            if group["schedule_free"] and not group["train_mode"]:
+                raise RuntimeError(f"{type(self).__name__}.step() was called in eval mode; call optimizer.train() "
+                                   "before training (the parameters currently hold the averaged weights x)")
+
+    def _mirror_controller_stats(self) -> None:
+        mirrored = self.controller.stats()
+        for group in self.param_groups:
+            for key in self.controller.GROUP_STATS:
+                group["stats"][key].copy_(mirrored[key])
 
     def _check_signals(self, **signals) -> None:
         for name, value in signals.items():
@@ -311,6 +453,7 @@ class AdamWMiniSF(torch.optim.Optimizer):
     # ------------------------------------------------------------- train/eval
     @torch.no_grad()
     def _switch(self, to_train: bool, groups: list[dict[str, Any]] | None = None) -> None:
+        self._end_backward()  # a loop that never calls step() switches after the backward it stepped
         for group in self.param_groups if groups is None else groups:
             if not group["schedule_free"] or group["train_mode"] == to_train:
                 continue
@@ -353,6 +496,7 @@ class AdamWMiniSF(torch.optim.Optimizer):
         (:meth:`refadamw.controller.RefController.stats`). Each group's own values are in
         ``param_groups[i]["stats"]``.
         """
+        self._end_backward()
         groups = [g["stats"] for g in self.param_groups]
         device = groups[0]["steps"].device
         out = {"steps": torch.stack([g["steps"].to(device) for g in groups]).max(),
@@ -389,6 +533,16 @@ class AdamWMiniSF(torch.optim.Optimizer):
         self.state.update(state)
         if controller is not None:
             self.controller = controller
+
+
+def _gradients(plan: param_state.GroupPlan):
+    """The plan's gradients as the kernels read them, as given, and which states are fresh (consumed)."""
+    fresh, plan.fresh = plan.fresh, [False] * len(plan.params)
+    # bf16/fp16 gradients are read as they are; a wider one than the math is narrowed first
+    whole = [p.grad.to(torch.float32) if p.grad.dtype == torch.float64 and p.dtype != torch.float64 else p.grad
+             for p in plan.whole]
+    grads = [sharding.local(g) for g in whole] if plan.cache is None else whole
+    return grads, whole, fresh
 
 
 class RefAdamWMiniSF(AdamWMiniSF):

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..back_pass import fused_backward
 from .workloads.base import Task
 
 WORKLOADS = ("shakespeare", "fashion_mnist", "friedman")
@@ -64,6 +65,11 @@ def make_task(name: str, seed: int = 0, quick: bool = False) -> Task:
     return importlib.import_module(f"{__package__}.workloads.{name}").make(seed, quick)
 
 
+def _in_fused_back_pass(optimizer) -> bool:
+    return getattr(optimizer, "fused_back_pass", False) is True or any(
+        g.get("fused_back_pass") is True for g in optimizer.param_groups)
+
+
 def _has_modes(optimizer) -> bool:
     return callable(getattr(optimizer, "train", None)) and callable(getattr(optimizer, "eval", None))
 
@@ -95,6 +101,10 @@ def train(
     (e.g. :class:`~refadamw.bench.clipping.ZScoreClip`). ``on_step(step,
     loss)`` is called after every step with the 1-based step count and the
     raw training loss (for progress bars).
+
+    An optimizer in fused-backward-pass mode (ours or prodigy-plus-schedule-free built with
+    ``fused_back_pass=True``) is stepped inside backward by :func:`refadamw.fused_backward`, which
+    then does a float ``clip`` itself.
     """
     steps = task.steps if steps is None else steps
     eval_every = task.eval_every if eval_every is None else eval_every
@@ -102,6 +112,11 @@ def train(
     optimizer = make_optimizer(model)
     scheduler = schedule(optimizer, steps) if schedule is not None else None
     modes = _has_modes(optimizer)
+    hooks = None
+    if _in_fused_back_pass(optimizer):
+        if callable(clip):
+            raise ValueError("a clipping callable needs every gradient at once; it cannot run in a fused backward pass")
+        hooks, clip = fused_backward(model, optimizer, max_grad_norm=clip), None
 
     def evaluate() -> float:
         # Schedule-Free optimizers swap in their averaged weights for eval(); swap back afterwards.
@@ -158,6 +173,8 @@ def train(
                 diverged = True
                 break
 
+    if hooks is not None:
+        hooks.remove()
     metrics: dict[str, float] = {}
     if not diverged and task.metrics is not None:
         if modes:
