@@ -49,7 +49,8 @@ def test_quick_suite_writes_json_markdown_figure_and_doc_block(small, tmp_path):
     assert list(rows) == list(SMALL)
     assert rows["transformer"]["tensors"] == 2 * 12 + 4 and rows["lora"]["tensors"] == 8
     for row in rows.values():
-        assert {"refadamw", "refadamw + Ref", "refadamw (no compiler)", "AdamW fused", "AdamW foreach"} <= set(row["optimizers"])
+        assert {"refadamw", "refadamw + Ref", "refadamw (no compiler)", "AdamW fused", "AdamW foreach",
+                "refadamw (fused back pass)"} <= set(row["optimizers"])
         assert row["optimizers"]["AdamW fused"]["ratio_vs_adamw_fused"] == 1.0
         for result in row["optimizers"].values():
             for key in ("ratio_vs_adamw_fused", "median_s", "copy_bandwidth_pct", "bandwidth_bound_s"):

@@ -1,6 +1,7 @@
 """``refadamw bench --suite``: the precision and controller suites, shrunk to run in seconds."""
 
 import json
+import math
 
 import pytest
 
@@ -62,6 +63,34 @@ def test_peak_memory_probe_sees_the_optimizer_state():
     assert fp32["state_bytes_per_param"] > 3.9 and bf16["state_bytes_per_param"] < 2.1
     with pytest.raises(ValueError, match="unknown optimizer"):
         memory.make_optimizer("sgd", [])
+
+
+def test_training_memory_probe_sees_the_gradients_freed_by_the_fused_backward_pass():
+    rows = {r["config"]: r for r in memory.training_peak_memory(("backward only", "ours", "ours_fused_back_pass"),
+                                                                 layers=4, width=1024)}
+    ordinary, fused = rows["ours"]["optimizer_bytes_per_param"], rows["ours_fused_back_pass"]["optimizer_bytes_per_param"]
+    assert ordinary > 5.5  # bf16 z − y (2) + fp32 gradients (4)
+    assert 1.9 < fused < 3.0  # the state, and one gradient at a time
+    assert rows["backward only"]["optimizer_bytes_per_param"] == 0.0
+
+
+def test_backward_suite_reports_memory_quality_and_spikes(tiny, monkeypatch, tmp_path):
+    from refadamw.bench import backward
+
+    real = backward.training_peak_memory
+    monkeypatch.setattr(backward, "training_peak_memory",
+                        lambda: real(("backward only", "ours_fused_back_pass"), layers=1, width=256))
+    monkeypatch.setattr(backward, "STEPS", {True: (20, 20)})
+    monkeypatch.setattr(backward, "LR_GRID", (3e-2,))
+    monkeypatch.setattr(backward, "SPIKES", (1000.0,))
+    assert cli.main(["bench", "--suite", "backward", "--quick", "--seeds", "1", "--workloads", "friedman",
+                     "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "backward.json").read_text())
+    assert [r["config"] for r in data["memory"]] == ["backward only", "ours_fused_back_pass"]
+    assert len(data["quality"]) == 4 and all(math.isfinite(r["ratio"]) for r in data["quality"])
+    assert {r["fused_back_pass"] for r in data["spikes"]} == {False, True}
+    report = (tmp_path / "backward.md").read_text()
+    assert "fused ÷ ordinary" in report and "×1000 spiked ÷ clean" in report
 
 
 def test_unknown_optimizer_and_bad_bench_arguments():

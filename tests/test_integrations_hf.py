@@ -359,3 +359,37 @@ def test_checkpoints_hold_batchnorm_statistics_recomputed_at_x(bn_batches, tmp_p
         else:  # recomputation off: the statistics gathered during training
             torch.testing.assert_close(saved["norm.running_mean"], gathered[step], atol=0, rtol=0)
     assert model.norm.momentum == 0.1 and model.training  # put back
+
+
+def test_a_fused_backward_pass_under_the_trainer(tmp_path):
+    """docs/fused_backward.md: the hooks step inside the Trainer's backward, its own clipping is off
+    (the gradients are gone by then), and its step() finishes each step; accumulation is refused."""
+    from refadamw import fused_backward
+    from refadamw.integrations.hf import RefAdamWTrainer
+
+    def trainer(accumulation: int, fused: bool = True):
+        model = tiny_gpt2()
+        optimizers = trainer_optimizers(model, lr=1e-3, fused_back_pass=fused)
+        if fused:
+            fused_backward(model, optimizers[0], max_grad_norm=1.0)
+        args = transformers.TrainingArguments(output_dir=str(tmp_path / f"{accumulation}{fused}"), max_steps=MAX_STEPS,
+                                              max_grad_norm=0.0 if fused else 1.0,
+                                              gradient_accumulation_steps=accumulation,
+                                              save_strategy="no", report_to=[], logging_steps=1)
+        return RefAdamWTrainer(model=model, args=args, train_dataset=Tokens(64, 0), optimizers=optimizers,
+                               callbacks=[RefAdamWCallback()]), optimizers[0]
+
+    run, opt = trainer(1)
+    run.train()
+    assert opt.stats()["steps"].item() == MAX_STEPS and opt.stats()["skipped_steps"].item() == 0
+    assert int(opt.controller.state_dict()["t"]) == MAX_STEPS
+    assert all(p.grad is None for p in run.model.parameters())
+    ordinary, _ = trainer(1, fused=False)
+    ordinary.train()
+    losses = [[entry["loss"] for entry in r.state.log_history if "loss" in entry] for r in (run, ordinary)]
+    assert losses[0][0] == losses[1][0]  # the same first batch and weights
+    assert losses[0][1:] != losses[1][:-1]  # each step trained...
+    assert losses[0][-1] == pytest.approx(losses[1][-1], rel=2e-3)  # ...as the ordinary path did
+    run, _ = trainer(2)
+    with pytest.raises(RuntimeError, match="gradient accumulation"):
+        run.train()

@@ -103,21 +103,22 @@ class BackwardRound:
 class FusedBackward:
     """The hooks :func:`fused_backward` registered; :meth:`remove` takes them out."""
 
-    def __init__(self, optimizer, params: list[tuple[torch.Tensor, dict, int]], max_grad_norm: float | None):
+    def __init__(self, optimizer, params: list[tuple[torch.Tensor, int, int]], max_grad_norm: float | None):
         self.optimizer, self.max_grad_norm = optimizer, max_grad_norm
         self._seen: set[torch.Tensor] = set()
         self._sq: torch.Tensor | None = None
         self._previous_norm: torch.Tensor | None = None
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook(group, index))
-                         for p, group, index in params]
+        self._handles = [p.register_post_accumulate_grad_hook(self._hook(group_index, index))
+                         for p, group_index, index in params]
 
-    def _hook(self, group: dict, index: int):
+    def _hook(self, group_index: int, index: int):
         def step(param: torch.Tensor) -> None:
             if param.grad is None:
                 return
             if self.max_grad_norm is not None:
                 self._clip(param)
-            self.optimizer.step_parameter(param, group, index)
+            # the group is looked up now: a load_state_dict (accelerate's prepare does one) replaces the dicts
+            self.optimizer.step_parameter(param, self.optimizer.param_groups[group_index], index)
             param.grad = None
         return step
 
@@ -165,12 +166,12 @@ def fused_backward(model: torch.nn.Module | Iterable[torch.Tensor], optimizer, *
         check_number("max_grad_norm", max_grad_norm, 0.0, low_open=True)
     in_model = {id(p) for p in (model.parameters() if isinstance(model, torch.nn.Module) else model)}
     params = []
-    for group in optimizer.param_groups:
+    for group_index, group in enumerate(optimizer.param_groups):
         for index, p in enumerate(group["params"]):
             if not p.requires_grad:
                 continue
             if id(p) not in in_model:
                 raise ValueError(f"a parameter of shape {tuple(p.shape)} in the optimizer is not in the model: "
                                  "its gradient would never be stepped")
-            params.append((p, group, index))
+            params.append((p, group_index, index))
     return FusedBackward(optimizer, params, max_grad_norm)

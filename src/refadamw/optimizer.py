@@ -123,6 +123,7 @@ class AdamWMiniSF(torch.optim.Optimizer):
         self._round: BackwardRound | None = None
         self._shares: tuple = (None, None)
         self._step_called = False
+        self._since_step: dict[torch.Tensor, None] = {}  # parameters stepped since the last step()
         self.backward_norms = None if self.controller is None else BackwardNorms(
             [p for g in self.param_groups for p in g["params"]])
         self._own_hooks = {  # torch's own extension points for state_dict and load_state_dict
@@ -232,16 +233,16 @@ class AdamWMiniSF(torch.optim.Optimizer):
         if p.grad is None:
             return
         check_grads([{"params": [p]}], type(self).__name__)
+        if self._step_called and p in self._since_step:
+            raise RuntimeError(
+                "step_parameter() was called twice for one parameter before step(): with fused_back_pass=True "
+                "each backward applies its gradients, so gradient accumulation over several backward passes "
+                "cannot work; use an accumulation of 1 (or call step() after every backward)")
         if self._round is not None and self._round.has(p):
-            if self._step_called:
-                raise RuntimeError(
-                    "step_parameter() was called twice for one parameter before step(): with fused_back_pass=True "
-                    "each backward applies its gradients, so gradient accumulation over several backward passes "
-                    "cannot work; use an accumulation of 1 (or call step() after every backward)")
             self._end_backward()
         if self._round is None:
             self._begin_backward(p)
-        index = self._index_in(group, p, i)
+        group, index = self._locate(p, group, i)
         plan = self._param_plan(group, index)
         grads, _, fresh = _gradients(plan)
         norms = control = None
@@ -257,22 +258,29 @@ class AdamWMiniSF(torch.optim.Optimizer):
                                 norms=norms, control=control, foreach=group["foreach"] is not False,
                                 fused=group["fused"] is not False, index_offsets=plan.offsets, cache=plan.cache)
         self._round.record(group, p, report.applied, report.lr, report.effective_lr)
+        self._since_step[p] = None
 
     step_param = step_parameter
     """kohya sd-scripts' name: its ``--fused_backward_pass`` hooks call ``optimizer.step_param(p, group)``."""
 
-    def _index_in(self, group: dict[str, Any], p: torch.Tensor, i: int | None) -> int:
-        params = group["params"]
-        if i is not None and 0 <= i < len(params) and params[i] is p:
-            return i
-        indices = self.__dict__.setdefault("_indices", {})
-        index = indices.get(id(p))
-        if index is None or index >= len(params) or params[index] is not p:
-            indices.update({id(q): j for j, q in enumerate(params)})
-            index = indices.get(id(p))
-            if index is None or params[index] is not p:
-                raise ValueError("step_parameter(): the parameter is not in the param group given")
-        return index
+    def _locate(self, p: torch.Tensor, group: dict[str, Any], i: int | None) -> tuple[dict[str, Any], int]:
+        """``p``'s current param group and index. A hook may hold a group dict that a ``load_state_dict``
+        replaced since (accelerate's ``prepare`` loads one): the current group is the one holding ``p``."""
+        if any(g is group for g in self.param_groups):
+            params = group["params"]
+            if i is not None and 0 <= i < len(params) and params[i] is p:
+                return group, i
+        where = self.__dict__.setdefault("_where", {})
+        found = where.get(id(p))
+        if found is None or found[0] >= len(self.param_groups) or \
+                found[1] >= len(self.param_groups[found[0]]["params"]) or \
+                self.param_groups[found[0]]["params"][found[1]] is not p:
+            where.clear()
+            where.update({id(q): (k, j) for k, g in enumerate(self.param_groups) for j, q in enumerate(g["params"])})
+            found = where.get(id(p))
+            if found is None:
+                raise ValueError("step_parameter(): the parameter is not in this optimizer's param groups")
+        return self.param_groups[found[0]], found[1]
 
     def _param_plan(self, group: dict[str, Any], index: int) -> param_state.GroupPlan:
         key = (id(group), index)
@@ -381,13 +389,14 @@ class AdamWMiniSF(torch.optim.Optimizer):
                                "apply the updates inside it, before step() could decide anything; run forward and "
                                "backward yourself, then call step()")
         unapplied = sum(1 for g in self.param_groups for p in g["params"]
-                        if p.grad is not None and not (self._round is not None and self._round.has(p)))
+                        if p.grad is not None and p not in self._since_step)
         if unapplied:
             raise RuntimeError(f"fused_back_pass=True, but step() found {unapplied} gradient(s) that no "
                                "step_parameter() call applied: register the hooks with refadamw.fused_backward("
                                "model, optimizer), or call optimizer.step_parameter(p, group, i) from your own "
                                "post-accumulate-grad hooks")
         self._step_called = True
+        self._since_step.clear()
         self._end_backward(loss, val_loss, max_steps)
 
     def _check_train_mode(self) -> None:

@@ -16,7 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--readme", default=None, help="rewrite the results block of this README")
     demo.add_argument("--sweep", action="store_true", help="run the defaults sweep instead (a few minutes)")
     bench = sub.add_parser("bench", help="compare the optimizers on the embedded workloads (the main job)")
-    bench.add_argument("--suite", choices=["main", "precision", "controller", "ladder", "seed", "lora", "step"],
+    bench.add_argument("--suite", choices=["main", "precision", "controller", "ladder", "seed", "lora", "backward",
+                                                  "step"],
                        default="main", help="main (default): every optimizer, tuned; the others study one feature")
     bench.add_argument("--quick", action="store_true", help="small models and short runs (about 2 minutes)")
     bench.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default: 1 quick, 2 full)")

@@ -29,7 +29,8 @@ import statistics
 
 import torch
 
-from ..optimizer import AdamWMiniSF
+from ..back_pass import fused_backward
+from ..optimizer import AdamWMiniSF, RefAdamWMiniSF
 from .measure import state_bytes_per_param
 
 WIDTHS = (64, 320, 320, 320, 16)
@@ -101,24 +102,34 @@ class Problem:
         with torch.no_grad():
             return x, teacher(x)
 
-    def finetune(self, rank: int, layout: str, lr: float, steps: int) -> tuple[float, float]:
-        """Final validation MSE and state bytes per LoRA parameter."""
+    def finetune(self, rank: int, layout: str | None, lr: float, steps: int, *, ref: bool = False,
+                 fused_back_pass: bool = False, max_grad_norm: float | None = None) -> tuple[float, float]:
+        """Final validation MSE and state bytes per LoRA parameter. ``layout`` None: the optimizer's own
+        rule; ``ref``: :class:`~refadamw.RefAdamWMiniSF`; ``fused_back_pass``: stepped inside backward
+        by :func:`~refadamw.fused_backward`; ``max_grad_norm``: clip (the global norm, or in the fused
+        pass :func:`~refadamw.fused_backward`'s clip)."""
         gen = torch.Generator().manual_seed(4000 + self.seed)
         model = _mlp(0)
         model.load_state_dict(self.student.state_dict())
         adapters = torch.nn.Sequential(*[LoRA(m, rank, gen) if isinstance(m, torch.nn.Linear) else m for m in model])
-        spec_a, spec_b = LAYOUTS[layout]
+        spec_a, spec_b = LAYOUTS[layout] if layout is not None else (None, None)
         params, specs = [], []
         for module in adapters:
             if isinstance(module, LoRA):
                 params += [module.A, module.B]
                 specs += [spec_a, spec_b]
-        opt = AdamWMiniSF([{"params": params, "block_layouts": specs}], lr=lr)
+        group = {"params": params} if layout is None else {"params": params, "block_layouts": specs}
+        extra = {"total_steps": steps} if ref else {}
+        opt = (RefAdamWMiniSF if ref else AdamWMiniSF)([group], lr=lr, fused_back_pass=fused_back_pass, **extra)
+        if fused_back_pass:
+            fused_backward(adapters, opt, max_grad_norm=max_grad_norm)
         for step in range(steps):
             x, y = self.batch(self.shifted, step, BATCH)
             loss = torch.nn.functional.mse_loss(adapters(x), y)
             opt.zero_grad()
             loss.backward()
+            if max_grad_norm is not None and not fused_back_pass:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             opt.step()
         opt.eval()
         with torch.no_grad():

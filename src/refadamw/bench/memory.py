@@ -115,6 +115,87 @@ def peak_memory(names: list[str], layers: int = 48, width: int = 1024) -> list[d
     return results
 
 
+TRAINING_BATCH = 4
+"""Rows of the probe's input: activations stay a small share beside ~50M parameters' weights."""
+TRAINING = ("backward only", "adamw_fused", "ours", "ours_fused_back_pass", "ref_fused_back_pass", "prodigy_plus",
+            "prodigy_plus_fused_back_pass")
+"""The configurations :func:`training_peak_memory` knows; "backward only" frees each gradient in a hook with
+no optimizer, the baseline the others are measured against (activations, one gradient at a time)."""
+
+
+def make_training_optimizer(name: str, model: torch.nn.Module):
+    """``(optimizer or None, hooks or None)`` for a :data:`TRAINING` configuration."""
+    from .. import AdamWMiniSF, RefAdamWMiniSF
+    from ..back_pass import fused_backward
+
+    if name == "backward only":
+        def free(p):
+            p.grad = None
+        return None, [p.register_post_accumulate_grad_hook(free) for p in model.parameters()]
+    if name.startswith("prodigy_plus"):
+        from prodigyplus.prodigy_plus_schedulefree import ProdigyPlusScheduleFree
+
+        opt = ProdigyPlusScheduleFree(model.parameters(), fused_back_pass=name.endswith("fused_back_pass"))
+    elif name == "adamw_fused":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    else:
+        cls = RefAdamWMiniSF if name.startswith("ref") else AdamWMiniSF
+        extra = {"total_steps": 100} if cls is RefAdamWMiniSF else {}
+        opt = cls(model.parameters(), fused_back_pass=name.endswith("fused_back_pass"), **extra)
+    return opt, fused_backward(model, opt) if name.endswith("fused_back_pass") else None
+
+
+def training_probe(name: str, layers: int, width: int, steps: int = 3) -> dict:
+    """Run in this process: the peak resident memory of a training step (forward, backward, ``step()``)
+    beyond the weights, after ``steps - 1`` steps have created the state."""
+    torch.set_num_threads(2)
+    model = linear_stack(layers, width)
+    x = torch.randn(TRAINING_BATCH, width)
+    n_params = sum(p.numel() for p in model.parameters())
+    from ..precision import LOW_PRECISION, stochastic_round
+
+    for dtype in LOW_PRECISION:
+        stochastic_round(torch.ones(8), dtype, torch.zeros((), dtype=torch.int32))
+    _reset_rss_peak()
+    weights = _rss_peak_bytes()
+    opt, _ = make_training_optimizer(name, model)
+    for step in range(steps):
+        if step == steps - 1:
+            _reset_rss_peak()
+        model(x).square().mean().backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    peak = _rss_peak_bytes() - weights
+    return {"config": name, "params": n_params, "peak_bytes": peak, "peak_bytes_per_param": peak / n_params,
+            "state_bytes_per_param": 0.0 if opt is None else state_bytes_per_param(opt)}
+
+
+def training_peak_memory(names: tuple[str, ...] = TRAINING, layers: int = 48, width: int = 1024) -> list[dict]:
+    """:func:`training_probe` for each configuration, each in a fresh subprocess, with glibc's mmap threshold
+    fixed so freed tensors go back to the system at once (its default adapts upward, and freed gradients
+    would then stay resident and read as held). ``optimizer_bytes_per_param``: the peak beyond that of
+    "backward only", that is gradients + state + the step's temporaries. A configuration whose package is
+    missing is left out."""
+    import os
+
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 16)}
+    results = []
+    for name in names:
+        code = (f"import json; from refadamw.bench.memory import training_probe; "
+                f"print(json.dumps(training_probe({name!r}, {layers}, {width})))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        if out.returncode != 0:
+            if "ModuleNotFoundError" in out.stderr:
+                continue
+            raise RuntimeError(f"the memory probe of {name!r} failed:\n{out.stderr[-2000:]}")
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    base = next((r["peak_bytes_per_param"] for r in results if r["config"] == "backward only"), 0.0)
+    for r in results:
+        r["optimizer_bytes_per_param"] = r["peak_bytes_per_param"] - base
+    return results
+
+
 def transient_peak_bytes(step: Callable[[], object], device: str = "cpu") -> int:
     """Peak bytes that one call of ``step()`` holds allocated beyond what existed before it."""
     if device != "cpu":

@@ -69,12 +69,15 @@ OURS, BASELINE = "refadamw", "AdamW fused"
 @dataclass(frozen=True)
 class Contender:
     """An optimizer as the suite runs it: ``make(model)`` builds it; ``env`` is set around each ``step()``;
-    ``second_moment`` names its state entries for ``v`` (see :func:`nominal_bytes_per_param`)."""
+    ``second_moment`` names its state entries for ``v`` (see :func:`nominal_bytes_per_param`);
+    ``per_parameter``: a fused backward pass, timed as ``step_parameter`` for every parameter in
+    backward's order (the last first), then ``step()``."""
 
     label: str
     make: Callable[[nn.Module], torch.optim.Optimizer]
     env: dict[str, str] = field(default_factory=dict)
     second_moment: tuple[str, ...] = ("exp_avg_sq",)
+    per_parameter: bool = False
 
 
 def _peer(name: str) -> Callable[[nn.Module], torch.optim.Optimizer]:
@@ -97,7 +100,9 @@ def contenders() -> list[Contender]:
             Contender(BASELINE, lambda model: torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)),
             Contender("AdamW foreach", lambda model: torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)),
             Contender("schedulefree", _peer("schedulefree")),
-            Contender("adam_mini", _peer("adam_mini"), second_moment=("v", "vmean"))]
+            Contender("adam_mini", _peer("adam_mini"), second_moment=("v", "vmean")),
+            Contender(f"{OURS} (fused back pass)", lambda model: AdamWMiniSF(model.parameters(), fused_back_pass=True),
+                      per_parameter=True)]
 
 
 @contextlib.contextmanager
@@ -115,7 +120,16 @@ def environment(env: dict[str, str]):
                 os.environ[k] = v
 
 
-def stepper(opt: torch.optim.Optimizer, env: dict[str, str]) -> Callable[[], None]:
+def stepper(opt: torch.optim.Optimizer, env: dict[str, str], per_parameter: bool = False) -> Callable[[], None]:
+    if per_parameter:
+        order = [(p, g, i) for g in reversed(opt.param_groups) for i, p in reversed(list(enumerate(g["params"])))]
+
+        def step_in_backward():
+            for p, group, i in order:
+                opt.step_parameter(p, group, i)
+            opt.step()
+
+        return step_in_backward
     if not env:
         return opt.step
 
@@ -170,7 +184,7 @@ def measure_model(name: str, spec: dict, device: str, rounds: int, steps_per_rou
     for c in contenders():
         try:
             opt = c.make(build_model(spec, device))
-            step = stepper(opt, c.env)
+            step = stepper(opt, c.env, c.per_parameter)
             for _ in range(WARMUP_STEPS):  # lazy state, and ours compiles here
                 step()
         except MissingPeer as err:

@@ -8,6 +8,8 @@
 * ``ladder``: repair policies (skip level, pull ladder ρ, pull delay) against spikes.
 * ``lora`` (:mod:`refadamw.bench.lora`): second-moment blocks against
   per-element ``v`` for LoRA factors.
+* ``backward`` (:mod:`refadamw.bench.backward`): the fused backward pass: peak memory of a
+  training step, LoRA quality and spike recovery against the ordinary ``step()``.
 * ``step`` (:mod:`refadamw.bench.step`): ``step()`` speed, transient memory,
   bandwidth share and compile time at four real model shapes; the only
   suite that runs on ``--device cuda``.
@@ -26,6 +28,7 @@ from collections.abc import Callable
 import torch
 
 from . import runner
+from .backward import backward
 from .lora import lora
 from .memory import peak_memory
 from .measure import linear_stack, low_precision_drift, state_bytes_per_param, step_times
@@ -312,8 +315,8 @@ def seed(bench: Bench, workloads: tuple[str, ...]) -> tuple[dict, str]:
     return out, "\n".join(report)
 
 
-SUITES = {"precision": precision, "controller": controller, "ladder": ladder, "seed": seed, "lora": lora,
-          "step": step}
+SUITES = {"backward": backward, "precision": precision, "controller": controller, "ladder": ladder, "seed": seed,
+          "lora": lora, "step": step}
 FIGURES = {"step": step_figure}
 """Suite → ``figure(data, out_folder)``, writing its PNG (ImportError without matplotlib)."""
 
