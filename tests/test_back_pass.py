@@ -17,7 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refadamw import AdamWMiniSF, RefAdamWMiniSF, fused_backward
+from refadamw import AdamWMiniSF, RefAdamWMiniSF, back_pass, fused_backward
 from refadamw.controller import MIN_SHARE, RefController
 
 
@@ -168,7 +168,13 @@ def test_a_spike_is_skipped_from_the_first_tensor_that_shows_it(factor):
     assert not any(torch.equal(p, q) for p, q in zip(before[0].parameters(), without_repair[0].parameters()))
 
 
-def test_a_non_finite_gradient_skips_its_tensor_and_with_a_controller_the_rest_of_the_backward():
+@pytest.mark.parametrize("one_by_one", [True, False])
+def test_a_non_finite_gradient_skips_its_update_and_with_a_controller_the_rest_of_the_backward(one_by_one,
+                                                                                               monkeypatch):
+    """One by one (tensors over STAGE_NUMEL): the tensor is skipped, and with a controller every tensor
+    after it. Small tensors are applied together, so the call that holds it is skipped whole."""
+    if one_by_one:
+        monkeypatch.setattr(back_pass, "STAGE_NUMEL", 0)
     for cls, rest_skipped in ((AdamWMiniSF, False), (RefAdamWMiniSF, True)):
         model = _model()
         opt = cls(model.parameters(), fused_back_pass=True)
@@ -182,10 +188,35 @@ def test_a_non_finite_gradient_skips_its_tensor_and_with_a_controller_the_rest_o
         _loss(model, _batches(1, seed=5)[0]).backward()
         opt.step()
         unchanged = [torch.equal(p, q) for p, q in zip(before.parameters(), model.parameters())]
-        assert unchanged[4] and not unchanged[5]  # the NaN weight was skipped; its bias (stepped first) was not
-        assert all(unchanged[:4]) == rest_skipped
+        if one_by_one:
+            assert unchanged[4] and not unchanged[5]  # the NaN weight was skipped; its bias (stepped first) was not
+            assert all(unchanged[:4]) == rest_skipped
+        else:
+            assert all(unchanged)
         assert opt.param_groups[0]["stats"]["skipped_steps"].item() == 1
         assert torch.isfinite(opt.state[last]["z_minus_y"].float()).all()
+
+
+def test_small_tensors_are_applied_together_within_the_budget(monkeypatch):
+    """Held gradients are applied at the backward's end, or once FLUSH_NUMEL elements are held."""
+    calls = []
+    real = AdamWMiniSF._apply
+    monkeypatch.setattr(AdamWMiniSF, "_apply", lambda self, group, indices, given: (
+        calls.append(len(indices)), real(self, group, indices, given))[1])
+    model = _model()
+    opt = AdamWMiniSF(model.parameters(), fused_back_pass=True)
+    fused_backward(model, opt)
+    before = copy.deepcopy(model)
+    _loss(model, _batches(1)[0]).backward()
+    assert calls == [6]  # applied by the end of backward, before step()
+    assert not any(torch.equal(p, q) for p, q in zip(before.parameters(), model.parameters()))
+    opt.step()
+    monkeypatch.setattr(back_pass, "FLUSH_NUMEL", 32 * 32)
+    calls.clear()
+    _loss(model, _batches(1)[0]).backward()
+    # backward's order: the last layer's bias and weight (3 + 96), the middle one's (32 + 1,024): 1,155 ≥ 1,024
+    # held, so these four are applied; the first layer's two at the end
+    assert calls == [4, 2]
 
 
 def test_spike_so_far_tests_the_bound_and_the_projection_against_the_running_norm():

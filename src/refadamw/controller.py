@@ -6,7 +6,9 @@ An optimizer composes a controller (``AdamWMiniSF(..., controller=RefController(
 ``stats()`` (``GROUP_STATS`` of them mirrored into each param group), ``checkpoint()``
 (its keys of the optimizer's ``state_dict``) and ``restored(state_dict)`` (a new,
 checked controller; the optimizer installs it only once the whole load is checked),
-``total_steps`` and ``to(device)``. The equations it feeds are in :mod:`refadamw.kernels`.
+``total_steps`` and ``to(device)``; a fused backward pass also reads ``standing()`` (the last
+decision's λ and pull, applied during the next backward) and ``spike_so_far(seen_sq, share)``.
+The equations it feeds are in :mod:`refadamw.kernels`.
 
 A small state machine over 0-d tensors, read as signal → level → action.
 ``observe()`` feeds signals, ``decide()`` runs once per optimizer step, before

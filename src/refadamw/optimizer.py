@@ -22,6 +22,7 @@ from . import kernels, param_state, sharding
 from .averaging import x_to_y, y_to_x
 from .backward_norms import BackwardNorms
 from .controller import RefController, Signals
+from . import back_pass
 from .back_pass import BackwardRound
 from .precision import AUTO, Salt, compute_dtype, rounding_keys, write_back
 from .validation import (NOT_GIVEN, check_alias, check_bool, check_grads, check_hyperparameters, check_seed,
@@ -124,6 +125,8 @@ class AdamWMiniSF(torch.optim.Optimizer):
         self._shares: tuple = (None, None)
         self._step_called = False
         self._since_step: dict[torch.Tensor, None] = {}  # parameters stepped since the last step()
+        self._staged: list[tuple[dict, int, torch.Tensor]] = []  # small tensors' gradients, applied together
+        self._staged_numel, self._flush_task = 0, None
         self.backward_norms = None if self.controller is None else BackwardNorms(
             [p for g in self.param_groups for p in g["params"]])
         self._own_hooks = {  # torch's own extension points for state_dict and load_state_dict
@@ -243,22 +246,55 @@ class AdamWMiniSF(torch.optim.Optimizer):
         if self._round is None:
             self._begin_backward(p)
         group, index = self._locate(p, group, i)
-        plan = self._param_plan(group, index)
-        grads, _, fresh = _gradients(plan)
+        self._round.mark(p)
+        self._since_step[p] = None
+        if p.numel() < back_pass.STAGE_NUMEL and torch._C._current_graph_task_id() != -1:
+            self._stage(group, index, p)  # inside backward: small tensors are applied together
+        else:
+            self._apply(group, [index], [p.grad])
+
+    def _stage(self, group: dict[str, Any], index: int, p: torch.Tensor) -> None:
+        """Hold a small tensor's gradient (the caller may drop ``p.grad``; the tensor stays referenced here)
+        until :data:`~refadamw.back_pass.FLUSH_NUMEL` elements are held or this backward ends."""
+        task = torch._C._current_graph_task_id()
+        if task != self._flush_task:
+            self._flush_task = task
+            torch.autograd.Variable._execution_engine.queue_callback(self._flush)
+        self._staged.append((group, index, p.grad))
+        self._staged_numel += p.numel()
+        if self._staged_numel >= back_pass.FLUSH_NUMEL:
+            self._flush()
+
+    def _flush(self) -> None:
+        staged, self._staged, self._staged_numel, self._flush_task = self._staged, [], 0, None
+        by_group: dict[int, tuple[dict, list[int], list[torch.Tensor]]] = {}
+        for group, index, grad in staged:
+            entry = by_group.setdefault(id(group), (group, [], []))
+            entry[1].append(index)
+            entry[2].append(grad)
+        with torch.no_grad():
+            for group, indices, grads in by_group.values():
+                self._apply(group, indices, grads)
+
+    def _apply(self, group: dict[str, Any], indices: list[int], given: list[torch.Tensor]) -> None:
+        """The update of ``group``'s parameters ``indices`` from the gradients ``given``: one kernel call."""
+        plan = self._param_plan(group, indices)
+        grads, _, fresh = _gradients(plan, given)
         norms = control = None
         if self.controller is not None:
             native = group["schedule_free"] and group["foreach"] is not False and group["fused"] is not False
             norms = kernels.grad_norms(plan.params, grads, plan.states, plan.layouts, cache=plan.cache, native=native)
-            self._round.see(p, norms[0], self.backward_norms.pop(p))
+            for p, norm in zip(plan.whole, norms):
+                self._round.see(p, norm, self.backward_norms.pop(p))
             skip = self._round.skip | self.controller.spike_so_far(self._round.sq, self._round.share)
-            self._round.skip = skip | ~norms[0].isfinite().to(skip.device)  # the rest of this backward too
+            finite = kernels.all_finite(norms).to(skip.device)
+            self._round.skip = skip | ~finite  # the rest of this backward too
             standing = self.controller.standing()
             control = kernels.Control(standing.lam, standing.pull, skip)
         report = kernels.update(plan.params, grads, plan.states, plan.layouts, param_state.hyper(group), fresh=fresh,
                                 norms=norms, control=control, foreach=group["foreach"] is not False,
                                 fused=group["fused"] is not False, index_offsets=plan.offsets, cache=plan.cache)
-        self._round.record(group, p, report.applied, report.lr, report.effective_lr)
-        self._since_step[p] = None
+        self._round.record(group, report.applied, report.lr, report.effective_lr, len(indices))
 
     step_param = step_parameter
     """kohya sd-scripts' name: its ``--fused_backward_pass`` hooks call ``optimizer.step_param(p, group)``."""
@@ -282,12 +318,11 @@ class AdamWMiniSF(torch.optim.Optimizer):
                 raise ValueError("step_parameter(): the parameter is not in this optimizer's param groups")
         return self.param_groups[found[0]], found[1]
 
-    def _param_plan(self, group: dict[str, Any], index: int) -> param_state.GroupPlan:
-        key = (id(group), index)
+    def _param_plan(self, group: dict[str, Any], indices: list[int]) -> param_state.GroupPlan:
+        key = (id(group), tuple(indices))
         plan = self._param_plans.get(key)
-        if plan is None or not plan.holds(group, [index], self.state):
-            p = group["params"][index]
-            if sharding.is_sharded(p):
+        if plan is None or not plan.holds(group, indices, self.state):
+            if any(sharding.is_sharded(group["params"][i]) for i in indices):
                 raise RuntimeError("fused_back_pass=True does not support sharded (FSDP) parameters: their "
                                    "gradients are reduce-scattered after the hook that would step them")
             first = 0
@@ -295,7 +330,7 @@ class AdamWMiniSF(torch.optim.Optimizer):
                 if g is group:
                     break
                 first += len(g["params"])
-            plan = self._param_plans[key] = param_state.plan_group(group, self.state, self.seed, first, [index])
+            plan = self._param_plans[key] = param_state.plan_group(group, self.state, self.seed, first, indices)
         return plan
 
     def _begin_backward(self, p: torch.Tensor) -> None:
@@ -311,6 +346,8 @@ class AdamWMiniSF(torch.optim.Optimizer):
 
     def _end_backward(self, loss=None, val_loss=None, max_steps=None) -> None:
         """Finish the open backward's step, if any: group stats and the controller's decision."""
+        if self._staged:
+            self._flush()
         done, self._round = self._round, None
         if done is None:
             return
@@ -544,12 +581,14 @@ class AdamWMiniSF(torch.optim.Optimizer):
             self.controller = controller
 
 
-def _gradients(plan: param_state.GroupPlan):
-    """The plan's gradients as the kernels read them, as given, and which states are fresh (consumed)."""
+def _gradients(plan: param_state.GroupPlan, given: list[torch.Tensor] | None = None):
+    """The plan's gradients (``given``, else ``p.grad``) as the kernels read them, as given, and which states
+    are fresh (consumed)."""
     fresh, plan.fresh = plan.fresh, [False] * len(plan.params)
+    given = [p.grad for p in plan.whole] if given is None else given
     # bf16/fp16 gradients are read as they are; a wider one than the math is narrowed first
-    whole = [p.grad.to(torch.float32) if p.grad.dtype == torch.float64 and p.dtype != torch.float64 else p.grad
-             for p in plan.whole]
+    whole = [g.to(torch.float32) if g.dtype == torch.float64 and p.dtype != torch.float64 else g
+             for p, g in zip(plan.whole, given)]
     grads = [sharding.local(g) for g in whole] if plan.cache is None else whole
     return grads, whole, fresh
 

@@ -71,7 +71,7 @@ class Contender:
     """An optimizer as the suite runs it: ``make(model)`` builds it; ``env`` is set around each ``step()``;
     ``second_moment`` names its state entries for ``v`` (see :func:`nominal_bytes_per_param`);
     ``per_parameter``: a fused backward pass, timed as ``step_parameter`` for every parameter in
-    backward's order (the last first), then ``step()``."""
+    backward's order (the last first), called inside a backward that does nothing else, then ``step()``."""
 
     label: str
     make: Callable[[nn.Module], torch.optim.Optimizer]
@@ -123,10 +123,23 @@ def environment(env: dict[str, str]):
 def stepper(opt: torch.optim.Optimizer, env: dict[str, str], per_parameter: bool = False) -> Callable[[], None]:
     if per_parameter:
         order = [(p, g, i) for g in reversed(opt.param_groups) for i, p in reversed(list(enumerate(g["params"])))]
+        anchor = torch.zeros((), requires_grad=True)
+
+        class InBackward(torch.autograd.Function):
+            """A backward whose only work is the hooks' calls, so they run inside backward, as hooks do."""
+
+            @staticmethod
+            def forward(ctx, x):
+                return x.clone()
+
+            @staticmethod
+            def backward(ctx, grad):
+                for p, group, i in order:
+                    opt.step_parameter(p, group, i)
+                return grad
 
         def step_in_backward():
-            for p, group, i in order:
-                opt.step_parameter(p, group, i)
+            InBackward.apply(anchor).backward()
             opt.step()
 
         return step_in_backward
