@@ -341,3 +341,17 @@ def test_a_lasting_divergence_leaves_a_standing_pull_for_the_next_backward():
     restored = RefController(0.05, (0.2, 0.8), 100, True)
     restored.load_state_dict(controller.state_dict())
     assert restored.standing().pull.item() == controller.standing().pull.item()
+
+
+def test_the_hooks_drive_prodigy_plus_schedule_free_too():
+    """fused_backward() needs only supports_fused_back_pass() and step_parameter(): the bench's peer."""
+    prodigyplus = pytest.importorskip("prodigyplus.prodigy_plus_schedulefree")
+    model = _model()
+    opt = prodigyplus.ProdigyPlusScheduleFree(model.parameters(), fused_back_pass=True)
+    fused_backward(model, opt)
+    before = copy.deepcopy(model)
+    for batch in _batches(3):
+        _loss(model, batch).backward()
+        opt.step()
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(torch.equal(p, q) for p, q in zip(before.parameters(), model.parameters()))

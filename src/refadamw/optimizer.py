@@ -18,12 +18,11 @@ from typing import Any
 
 import torch
 
-from . import kernels, param_state, sharding
+from . import back_pass, kernels, param_state, sharding
 from .averaging import x_to_y, y_to_x
+from .back_pass import BackwardRound
 from .backward_norms import BackwardNorms
 from .controller import RefController, Signals
-from . import back_pass
-from .back_pass import BackwardRound
 from .precision import AUTO, Salt, compute_dtype, rounding_keys, write_back
 from .validation import (NOT_GIVEN, check_alias, check_bool, check_grads, check_hyperparameters, check_seed,
                          check_signal, check_steps)
@@ -120,7 +119,7 @@ class AdamWMiniSF(torch.optim.Optimizer):
     # -- what is not state: hooks and caches, built again by a copy or an unpickled optimizer ---------
     def _attach(self) -> None:
         self._plans: dict[int, param_state.GroupPlan] = {}
-        self._param_plans: dict[tuple[int, int], param_state.GroupPlan] = {}  # fused back pass: one per parameter
+        self._param_plans: dict[tuple, param_state.GroupPlan] = {}  # fused back pass: one per kernel call's tensors
         self._round: BackwardRound | None = None
         self._shares: tuple = (None, None)
         self._step_called = False
@@ -144,7 +143,7 @@ class AdamWMiniSF(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._plans, self._param_plans = {}, {}  # loaded or copied state: every plan is rebuilt on the next step
-        self._round = None
+        self._round, self._shares = None, (None, None)
         if "_own_hooks" not in self.__dict__:  # unpickled or deep-copied
             self._attach()
 
