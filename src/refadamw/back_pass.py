@@ -47,9 +47,10 @@ backward ends (an autograd callback), whichever comes first."""
 
 
 class BackwardRound:
-    """One backward's per-parameter steps: which parameters were stepped, per group whether every update
-    applied and the sums of their lr and step size, and, with a controller, the norms it reads and the
-    skip decided so far (0-d tensors: nothing syncs)."""
+    """One backward's per-parameter steps: which parameters were stepped, the small tensors' gradients held
+    to be applied together, per group whether every update applied and the sums of their lr and step
+    size, and, with a controller, the norms it reads and the skip decided so far (0-d tensors: nothing
+    syncs)."""
 
     def __init__(self, device: torch.device, previous_sq: dict[torch.Tensor, torch.Tensor] | None = None,
                  previous_total: torch.Tensor | None = None) -> None:
@@ -62,6 +63,26 @@ class BackwardRound:
         self.share = torch.zeros((), device=device)
         self.skip = torch.zeros((), dtype=torch.bool, device=device)
         self._previous_sq, self._previous_total = previous_sq or {}, previous_total
+        self.staged: list[tuple[dict[str, Any], int, torch.Tensor]] = []
+        self.staged_numel = 0
+        self.flush_task: int | None = None  # the backward whose end applies what is held
+
+    def stage(self, group: dict[str, Any], index: int, grad: torch.Tensor) -> bool:
+        """Hold a small tensor's gradient (held here, the caller may drop ``p.grad``); True once
+        :data:`FLUSH_NUMEL` elements are held."""
+        self.staged.append((group, index, grad))
+        self.staged_numel += grad.numel()
+        return self.staged_numel >= FLUSH_NUMEL
+
+    def take_staged(self) -> list[tuple[dict[str, Any], list[int], list[torch.Tensor]]]:
+        """The held gradients as ``(group, indices, grads)`` per group, in the order held; forgotten."""
+        by_group: dict[int, tuple[dict[str, Any], list[int], list[torch.Tensor]]] = {}
+        for group, index, grad in self.staged:
+            entry = by_group.setdefault(id(group), (group, [], []))
+            entry[1].append(index)
+            entry[2].append(grad)
+        self.staged, self.staged_numel = [], 0
+        return list(by_group.values())
 
     def has(self, param: torch.Tensor) -> bool:
         return param in self.stepped

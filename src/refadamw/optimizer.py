@@ -124,8 +124,6 @@ class AdamWMiniSF(torch.optim.Optimizer):
         self._shares: tuple = (None, None)
         self._step_called = False
         self._since_step: dict[torch.Tensor, None] = {}  # parameters stepped since the last step()
-        self._staged: list[tuple[dict, int, torch.Tensor]] = []  # small tensors' gradients, applied together
-        self._staged_numel, self._flush_task = 0, None
         self.backward_norms = None if self.controller is None else BackwardNorms(
             [p for g in self.param_groups for p in g["params"]])
         self._own_hooks = {  # torch's own extension points for state_dict and load_state_dict
@@ -247,32 +245,21 @@ class AdamWMiniSF(torch.optim.Optimizer):
         group, index = self._locate(p, group, i)
         self._round.mark(p)
         self._since_step[p] = None
-        if p.numel() < back_pass.STAGE_NUMEL and torch._C._current_graph_task_id() != -1:
-            self._stage(group, index, p)  # inside backward: small tensors are applied together
-        else:
-            self._apply(group, [index], [p.grad])
-
-    def _stage(self, group: dict[str, Any], index: int, p: torch.Tensor) -> None:
-        """Hold a small tensor's gradient (the caller may drop ``p.grad``; the tensor stays referenced here)
-        until :data:`~refadamw.back_pass.FLUSH_NUMEL` elements are held or this backward ends."""
         task = torch._C._current_graph_task_id()
-        if task != self._flush_task:
-            self._flush_task = task
+        if p.numel() >= back_pass.STAGE_NUMEL or task == -1:
+            self._apply(group, [index], [p.grad])
+            return
+        # inside backward, small tensors are applied together, at the latest when this backward ends
+        if task != self._round.flush_task:
+            self._round.flush_task = task
             torch.autograd.Variable._execution_engine.queue_callback(self._flush)
-        self._staged.append((group, index, p.grad))
-        self._staged_numel += p.numel()
-        if self._staged_numel >= back_pass.FLUSH_NUMEL:
+        if self._round.stage(group, index, p.grad):
             self._flush()
 
+    @torch.no_grad()
     def _flush(self) -> None:
-        staged, self._staged, self._staged_numel, self._flush_task = self._staged, [], 0, None
-        by_group: dict[int, tuple[dict, list[int], list[torch.Tensor]]] = {}
-        for group, index, grad in staged:
-            entry = by_group.setdefault(id(group), (group, [], []))
-            entry[1].append(index)
-            entry[2].append(grad)
-        with torch.no_grad():
-            for group, indices, grads in by_group.values():
+        if self._round is not None:
+            for group, indices, grads in self._round.take_staged():
                 self._apply(group, indices, grads)
 
     def _apply(self, group: dict[str, Any], indices: list[int], given: list[torch.Tensor]) -> None:
@@ -345,8 +332,7 @@ class AdamWMiniSF(torch.optim.Optimizer):
 
     def _end_backward(self, loss=None, val_loss=None, max_steps=None) -> None:
         """Finish the open backward's step, if any: group stats and the controller's decision."""
-        if self._staged:
-            self._flush()
+        self._flush()
         done, self._round = self._round, None
         if done is None:
             return
