@@ -7,21 +7,24 @@ sd-scripts, and OneTrainer's ``step_parameter`` interface). Three pieces:
 * the optimizer's mode, ``AdamWMiniSF(..., fused_back_pass=True)``: :meth:`step_parameter` (OneTrainer's
   name; ``step_param`` is kohya's) applies one parameter's update, the same
   :func:`refadamw.kernels.update` that ``step()`` applies to a whole group, and ``step()`` only
-  finishes the step's bookkeeping;
+  finishes the step's bookkeeping. Inside backward, tensors under :data:`STAGE_NUMEL` elements are held
+  and applied together in one call (by the end of that backward at the latest);
 * :class:`BackwardRound`: what one backward's per-parameter steps add up to (group stats, the norms the
-  controller reads), kept by the optimizer between its first ``step_parameter`` and ``step()``;
+  controller reads, the held small gradients), kept by the optimizer between its first
+  ``step_parameter`` and ``step()``;
 * :func:`fused_backward`: the hooks for a plain PyTorch loop, with optional clipping.
 
 What needs every gradient at once is decided without them (docs/fused_backward.md):
 
-* **non-finite gradients**: each tensor's own hygiene gate; with a controller, the rest of the backward
+* **non-finite gradients**: each kernel call's own hygiene gate (one tensor, or the small ones held
+  together); with a controller, the rest of the backward
   is skipped too once one is seen (the tensors already stepped stay stepped);
 * **the controller's signal**: the global norm is assembled tensor by tensor and fed to ``decide()``
   when the backward ends, so λ and the repair pull it decides apply from the next step on;
 * **the level-2/3 skip** of a spiking step: :meth:`RefController.spike_so_far` tests the norm seen so far
   (a lower bound of the global norm) and its projection by the previous step's share, against the
-  controller's running statistics, before each tensor; from the first tensor that shows the spike on,
-  the rest of the backward is skipped;
+  controller's running statistics, before each kernel call; from the first call that shows the spike
+  on, the rest of the backward is skipped;
 * **clipping**: :func:`fused_backward` scales each gradient by ``min(1, c / n̂)``, ``n̂`` the larger of
   the previous backward's global norm and the norm seen so far in this one.
 """
