@@ -309,8 +309,7 @@ class RefController:
 
         # 2. divergence level: the larger of the loss's and the log grad norm's z-score's
         log_g = g.log()
-        ema = s["gnorm_ema"]
-        z = (log_g - ema) / s["gnorm_var"].sqrt().clamp(min=self.gnorm_min_std)
+        z = self._gnorm_z(log_g)
         g_level = self._detect("gnorm", log_g, z, torch.ones_like(s["loss_seen"]), self.gnorm_z)
         # Both signals count: a fed loss does not reveal a gradient spike that leaves the loss alone
         # (an overflowing fp16 batch, say), and the gradient norm alone misses a loss that creeps up.
@@ -362,12 +361,16 @@ class RefController:
         if not self.repair or self.skip_level > 3:
             return torch.zeros((), dtype=torch.bool, device=self.device)
         threshold = self.gnorm_z[self.skip_level - 1]
-        sigma = s["gnorm_var"].sqrt().clamp(min=self.gnorm_min_std)
         log_seen = 0.5 * seen_sq.to(self.device, torch.float32).log()
         share = share.to(self.device, torch.float32)
-        bound = (log_seen - s["gnorm_ema"]) / sigma > threshold
-        projected = (share >= MIN_SHARE) & ((log_seen - 0.5 * share.log() - s["gnorm_ema"]) / sigma > threshold)
+        bound = self._gnorm_z(log_seen) > threshold
+        projected = (share >= MIN_SHARE) & (self._gnorm_z(log_seen - 0.5 * share.log()) > threshold)
         return ((s["gnorm_count"] >= self.warmup) & (bound | projected)) | (s["loss_pending"] >= self.skip_level)
+
+    def _gnorm_z(self, log_norm: torch.Tensor) -> torch.Tensor:
+        """The z-score of a log gradient norm against the running statistics (σ at least ``gnorm_min_std``)."""
+        s = self._s
+        return (log_norm - s["gnorm_ema"]) / s["gnorm_var"].sqrt().clamp(min=self.gnorm_min_std)
 
     def _global_norm(self, signals: Signals) -> torch.Tensor:
         """The caller's measured norm, else the unclipped one from the recorded and seen norms."""
