@@ -20,6 +20,14 @@ from .kernels.common import stacked
 from .precision import compute_dtype
 
 
+def as_vector(recorded: list[torch.Tensor | None], device: torch.device) -> torch.Tensor | None:
+    """Recorded norms as one fp32 vector on ``device``, 0 where none was recorded; None if none was."""
+    if all(r is None for r in recorded):
+        return None
+    zero = torch.zeros((), device=device)
+    return stacked([zero if r is None else r for r in recorded], device, torch.float32)
+
+
 class BackwardNorms:
     """Post-accumulate-grad hooks that record ``‖grad‖`` per parameter (a device tensor: no sync)."""
 
@@ -42,10 +50,9 @@ class BackwardNorms:
         them all."""
         recorded = [self._norms.get(p) for p in params]
         self._norms.clear()
-        if all(r is None for r in recorded):
+        raw = as_vector(recorded, device)
+        if raw is None:
             return None
-        zero = torch.zeros((), device=device)
-        raw = stacked([zero if r is None else r for r in recorded], device, torch.float32)
         if torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1:
             # DDP's hooks see each rank's own gradient

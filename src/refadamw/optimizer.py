@@ -21,7 +21,7 @@ import torch
 from . import back_pass, kernels, param_state, sharding
 from .averaging import x_to_y, y_to_x
 from .back_pass import BackwardRound
-from .backward_norms import BackwardNorms
+from .backward_norms import BackwardNorms, as_vector
 from .controller import RefController, Signals
 from .precision import AUTO, Salt, compute_dtype, rounding_keys, write_back
 from .validation import (NOT_GIVEN, check_alias, check_bool, check_grads, check_hyperparameters, check_seed,
@@ -339,13 +339,9 @@ class AdamWMiniSF(torch.optim.Optimizer):
         done.finish_stats()
         if self.controller is not None:
             device = self.controller.device
-            recorded = None
-            if any(r is not None for r in done.recorded):
-                zero = torch.zeros((), device=device)
-                recorded = kernels.stacked([zero if r is None else r for r in done.recorded], device, torch.float32)
             self.controller.decide(Signals(loss=loss, val_loss=val_loss, max_steps=max_steps,
                                            seen_norms=kernels.stacked(done.seen, device, torch.float32),
-                                           backward_norms=recorded))
+                                           backward_norms=as_vector(done.recorded, device)))
             self.backward_norms.clear()
             self._mirror_controller_stats()
             self._shares = done.shares()
