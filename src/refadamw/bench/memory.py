@@ -66,6 +66,28 @@ def _reset_rss_peak() -> None:
         pass
 
 
+def _load_rounding_kernel() -> None:
+    """Load and compile the rounding kernel before measuring: that one-off cost (the compiler's code,
+    about 100 MiB of process memory) does not grow with the model and is not optimizer state."""
+    from ..precision import LOW_PRECISION, stochastic_round
+
+    for dtype in LOW_PRECISION:
+        stochastic_round(torch.ones(8), dtype, torch.zeros((), dtype=torch.int32))
+
+
+def _in_subprocess(call: str, env: dict[str, str] | None = None, missing_ok: bool = False) -> dict | None:
+    """The JSON result of ``call``, an expression over this module, run in a fresh interpreter. With
+    ``missing_ok``, None when it fails for a package that is not installed."""
+    code = f"import json; from refadamw.bench import memory; print(json.dumps(memory.{call}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=not missing_ok)
+    if out.returncode != 0:
+        if "ModuleNotFoundError" in out.stderr:
+            return None
+        raise RuntimeError(f"the memory probe {call} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def make_optimizer(name: str, params):
     """The optimizers the memory probe knows, by name."""
     from .. import AdamWMiniSF, RefAdamWMiniSF
@@ -88,12 +110,7 @@ def probe(name: str, layers: int, width: int, steps: int = 3) -> dict:
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-2
     n_params = sum(p.numel() for p in model.parameters())
-    # Load and compile the rounding kernel first: that one-off cost (the compiler's code, about
-    # 100 MiB of process memory) does not grow with the model and is not optimizer state.
-    from ..precision import LOW_PRECISION, stochastic_round
-
-    for dtype in LOW_PRECISION:
-        stochastic_round(torch.ones(8), dtype, torch.zeros((), dtype=torch.int32))
+    _load_rounding_kernel()
     _reset_rss_peak()
     before = _rss_peak_bytes()
     opt = make_optimizer(name, model.parameters())
@@ -106,13 +123,7 @@ def probe(name: str, layers: int, width: int, steps: int = 3) -> dict:
 
 def peak_memory(names: list[str], layers: int = 48, width: int = 1024) -> list[dict]:
     """:func:`probe` for each optimizer, each in its own subprocess (default: about 50M parameters)."""
-    results = []
-    for name in names:
-        code = (f"import json; from refadamw.bench.memory import probe; "
-                f"print(json.dumps(probe({name!r}, {layers}, {width})))")
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    return results
+    return [_in_subprocess(f"probe({name!r}, {layers}, {width})") for name in names]
 
 
 TRAINING_BATCH = 4
@@ -152,10 +163,7 @@ def training_probe(name: str, layers: int, width: int, steps: int = 3) -> dict:
     model = linear_stack(layers, width)
     x = torch.randn(TRAINING_BATCH, width)
     n_params = sum(p.numel() for p in model.parameters())
-    from ..precision import LOW_PRECISION, stochastic_round
-
-    for dtype in LOW_PRECISION:
-        stochastic_round(torch.ones(8), dtype, torch.zeros((), dtype=torch.int32))
+    _load_rounding_kernel()
     _reset_rss_peak()
     weights = _rss_peak_bytes()
     opt, _ = make_training_optimizer(name, model)
@@ -180,16 +188,8 @@ def training_peak_memory(names: tuple[str, ...] = TRAINING, layers: int = 48, wi
     import os
 
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 16)}
-    results = []
-    for name in names:
-        code = (f"import json; from refadamw.bench.memory import training_probe; "
-                f"print(json.dumps(training_probe({name!r}, {layers}, {width})))")
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-        if out.returncode != 0:
-            if "ModuleNotFoundError" in out.stderr:
-                continue
-            raise RuntimeError(f"the memory probe of {name!r} failed:\n{out.stderr[-2000:]}")
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    results = [r for r in (_in_subprocess(f"training_probe({name!r}, {layers}, {width})", env, missing_ok=True)
+                           for name in names) if r is not None]
     base = next((r["peak_bytes_per_param"] for r in results if r["config"] == "backward only"), 0.0)
     for r in results:
         r["optimizer_bytes_per_param"] = r["peak_bytes_per_param"] - base
