@@ -39,7 +39,7 @@ def test_the_guard_itself_catches_a_sync():
 def test_step_never_syncs(device, foreach, schedule_free, state_dtype, cls):
     model = torch.nn.Sequential(torch.nn.Linear(8, 512), torch.nn.ReLU(), torch.nn.Linear(512, 3)).to(device)
     opt = cls(
-        [{"params": model[0].parameters(), "lr": torch.tensor(1e-2)}, {"params": model[2].parameters()}],
+        [{"params": model[0].parameters(), "lr": torch.tensor(1e-2)}, {"params": model[2].parameters(), "lr": None}],
         foreach=foreach, schedule_free=schedule_free, warmup_steps=2, auto_lr=True, state_dtype=state_dtype,
     )
     x = torch.randn(16, 8, device=device)
@@ -119,7 +119,7 @@ def test_a_fused_backward_pass_never_syncs(cls):
     from refadamw import fused_backward
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 512), torch.nn.ReLU(), torch.nn.Linear(512, 3))
-    opt = cls(model.parameters(), warmup_steps=2, state_dtype="bf16", fused_back_pass=True)
+    opt = cls(model.parameters(), lr=None, warmup_steps=2, state_dtype="bf16", fused_back_pass=True)
     fused_backward(model, opt, max_grad_norm=1.0)
     x = torch.randn(16, 8)
     for dtype in precision.LOW_PRECISION:

@@ -69,6 +69,7 @@ class BackwardRound:
         self.staged: list[tuple[dict[str, Any], int, torch.Tensor]] = []
         self.staged_numel = 0
         self.flush_task: int | None = None  # the backward whose end applies what is held
+        self.lr_free: dict[int, dict[str, Any]] = {}
 
     def stage(self, group: dict[str, Any], index: int, grad: torch.Tensor) -> bool:
         """Hold a small tensor's gradient (held here, the caller may drop ``p.grad``); True once
@@ -120,6 +121,25 @@ class BackwardRound:
         entry["lr"] = entry["lr"] + lr * count
         entry["effective_lr"] = entry["effective_lr"] + effective_lr * count
         entry["count"] += count
+
+    def record_lr_free(self, group: dict[str, Any], indices: list[int], dots: torch.Tensor, l1: torch.Tensor,
+                       a: torch.Tensor) -> None:
+        """Add one kernel call's per-tensor lr-free sums (:mod:`refadamw.lr_free`); ``a`` is the step's weight."""
+        entry = self.lr_free.setdefault(id(group), {"group": group, "indices": [], "dots": [], "l1": [], "a": a})
+        entry["indices"] += indices
+        entry["dots"].append(dots)
+        entry["l1"].append(l1)
+
+    def take_lr_free(self) -> list[tuple[dict[str, Any], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per lr-free group: ``(group, dots, l1, applied, a)``, the sums in the group's parameter order, as
+        ``step()`` adds them, so the estimate is the same bit for bit."""
+        out = []
+        for key, entry in self.lr_free.items():
+            order = sorted(range(len(entry["indices"])), key=entry["indices"].__getitem__)
+            at = torch.tensor(order, device=entry["a"].device)
+            applied = self.groups[key]["applied"]
+            out.append((entry["group"], torch.cat(entry["dots"])[at], torch.cat(entry["l1"])[at], applied, entry["a"]))
+        return out
 
     def finish_stats(self) -> None:
         """Add this backward to each stepped group's stats: a step applied when every update of the group

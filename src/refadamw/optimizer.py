@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
-from . import back_pass, kernels, param_state, sharding
+from . import back_pass, kernels, lr_free, param_state, sharding
 from .averaging import x_to_y, y_to_x
 from .back_pass import BackwardRound
 from .backward_norms import BackwardNorms, as_vector
@@ -45,9 +46,13 @@ class AdamWMiniSF(torch.optim.Optimizer):
 
     Args:
         params: tensors, param-group dicts, or ``(name, tensor)`` pairs.
-        lr: peak learning rate (after warmup). The default 3e-3 was chosen on models trained
-            from scratch; pass a much smaller one to fine-tune a pretrained model
-            (docs/defaults.md, "Fine-tuning").
+        lr: peak learning rate (after warmup), exactly as given. The default 3e-3 was chosen on
+            models trained from scratch; pass a much smaller one to fine-tune a pretrained model
+            (docs/defaults.md, "Fine-tuning"). ``None``: the lr-free step size (below).
+        lr_free: estimate the step size per param group (:mod:`refadamw.lr_free`, docs/lr_free.md;
+            experimental, not yet the default). ``None`` (default): on exactly when ``lr`` is None;
+            ``True`` with a number ``lr`` ignores that number, with a warning.
+        lr_free_scale: factor on the lr-free estimate (lr-free groups only).
         betas: ``(β1, β2)``; β1 is the Schedule-Free interpolation (or the
             momentum with ``schedule_free=False``), β2 the second-moment EMA.
         eps: added to ``sqrt(v̂)``.
@@ -86,12 +91,13 @@ class AdamWMiniSF(torch.optim.Optimizer):
             :func:`refadamw.fused_backward`).
     """
 
-    def __init__(self, params: Iterable[Any], lr: float = 3e-3, betas: tuple[float, float] = (0.9, 0.999),
+    def __init__(self, params: Iterable[Any], lr: float | None = 3e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, warmup_steps: int = 20, auto_lr: bool = False,
                  min_lr: float | None = None, max_lr: float | None = None, norm_ema_alpha: float = 0.05,
                  mini: bool = True, schedule_free: bool = True, state_dtype: str | torch.dtype = AUTO,
                  block_rows: int = 1, foreach: bool | None = None, fused: bool | None = None, seed: int = 0,
-                 controller: RefController | None = None, *, fused_back_pass: bool = False,
+                 controller: RefController | None = None, *, lr_free: bool | None = None,
+                 lr_free_scale: float = 1.0, fused_back_pass: bool = False,
                  schedulefree_alpha: float = NOT_GIVEN) -> None:
         self.seed = check_seed(seed)
         self.fused_back_pass = check_bool("fused_back_pass", fused_back_pass)
@@ -99,7 +105,8 @@ class AdamWMiniSF(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                         weight_decay=weight_decay, warmup_steps=warmup_steps, auto_lr=auto_lr, min_lr=min_lr,
                         max_lr=max_lr, norm_ema_alpha=norm_ema_alpha, mini=mini, schedule_free=schedule_free,
-                        state_dtype=state_dtype, block_rows=block_rows, foreach=foreach, fused=fused)
+                        state_dtype=state_dtype, block_rows=block_rows, foreach=foreach, fused=fused,
+                        lr_free=lr_free, lr_free_scale=lr_free_scale)
         spelled = {"norm_ema_alpha": "schedulefree_alpha"} if schedulefree_alpha is not NOT_GIVEN else None
         check_hyperparameters(defaults, spelled)
         if isinstance(params, Mapping):
@@ -170,6 +177,7 @@ class AdamWMiniSF(torch.optim.Optimizer):
         group = self.param_groups[-1]
         try:
             check_hyperparameters(group, spelled)
+            ignored_lr = lr_free.resolve_mode(group)
             for p in group["params"]:
                 if p.is_complex():
                     raise TypeError(f"complex parameters are not supported (got a {p.dtype} parameter)")
@@ -183,6 +191,12 @@ class AdamWMiniSF(torch.optim.Optimizer):
         group.setdefault("train_mode", True)
         device = group["params"][0].device if group["params"] else torch.device("cpu")
         group.setdefault("stats", {k: torch.zeros((), device=device) for k in self._stat_keys})
+        if group["lr_free"]:
+            group["stats"].update(lr_free.init_stats(device))
+            group["lr"] = lr_free.step_size(group["stats"], group["lr_free_scale"])
+            if ignored_lr is not None:
+                warnings.warn(f"lr_free=True: the lr passed ({ignored_lr:g}) is not used; the step size is estimated "
+                              "(lr_free_scale multiplies it; docs/lr_free.md)", stacklevel=3)
         if getattr(self, "backward_norms", None) is not None:  # a group added later is watched too
             self.backward_norms.remove()
             self.backward_norms = BackwardNorms([p for g in self.param_groups for p in g["params"]])
@@ -277,10 +291,13 @@ class AdamWMiniSF(torch.optim.Optimizer):
             self._round.skip = skip | ~finite  # the rest of this backward too
             standing = self.controller.standing()
             control = kernels.Control(standing.lam, standing.pull, skip)
+        seen = _observe_lr_free(group, plan, grads)
         report = kernels.update(plan.params, grads, plan.states, plan.layouts, param_state.hyper(group), fresh=fresh,
                                 norms=norms, control=control, foreach=group["foreach"] is not False,
                                 fused=group["fused"] is not False, index_offsets=plan.offsets, cache=plan.cache)
         self._round.record(group, report.applied, report.lr, report.effective_lr, len(indices))
+        if seen is not None:
+            self._round.record_lr_free(group, indices, seen.dots, seen.commit(report.applied, _beta3(group)), seen.a)
 
     step_param = step_parameter
     """kohya sd-scripts' name: its ``--fused_backward_pass`` hooks call ``optimizer.step_param(p, group)``."""
@@ -336,6 +353,8 @@ class AdamWMiniSF(torch.optim.Optimizer):
         done, self._round = self._round, None
         if done is None:
             return
+        for group, dots, l1, applied, a in done.take_lr_free():
+            _advance_lr_free(group, dots, l1, applied, a)
         done.finish_stats()
         if self.controller is not None:
             device = self.controller.device
@@ -386,11 +405,19 @@ class AdamWMiniSF(torch.optim.Optimizer):
                     and not isinstance(closure_loss, bool):
                 loss = closure_loss.detach().reshape(()) if isinstance(closure_loss, torch.Tensor) else closure_loss
             control = self._decide(work, norms, loss, val_loss, max_steps)
-        for i, (group, plan, grads, _, fresh) in enumerate(work):
+        for i, (group, plan, grads, whole, fresh) in enumerate(work):
+            seen = _observe_lr_free(group, plan, grads)
             report = kernels.update(plan.params, grads, plan.states, plan.layouts, param_state.hyper(group),
                                     fresh=fresh, norms=None if norms is None else norms[i], control=control,
                                     foreach=group["foreach"] is not False, fused=group["fused"] is not False,
                                     index_offsets=plan.offsets, cache=plan.cache)
+            if seen is not None:
+                l1 = seen.commit(report.applied, _beta3(group))
+                if plan.cache is None:  # sharded: each rank saw its own shards
+                    dots, l1 = (torch.stack(sharding.global_sums(whole, list(v.unbind()))) for v in (seen.dots, l1))
+                else:
+                    dots = seen.dots
+                _advance_lr_free(group, dots, l1, report.applied, seen.a)
             stats = group["stats"]
             applied = report.applied.to(stats["steps"])
             stats["steps"].add_(applied)
@@ -560,6 +587,24 @@ class AdamWMiniSF(torch.optim.Optimizer):
         self.state.update(state)
         if controller is not None:
             self.controller = controller
+
+
+def _observe_lr_free(group: dict[str, Any], plan: param_state.GroupPlan, grads) -> lr_free.Observation | None:
+    """What the lr-free estimate reads of these tensors before their update (None: the group has a fixed lr)."""
+    if not group["lr_free"]:
+        return None
+    offsets = [s["z_minus_y"] for s in plan.states] if group["schedule_free"] else None
+    return lr_free.Observation(plan.params, grads, [sharding.local(o) for o in offsets] if offsets else None,
+                               plan.states, lr_free.weight(group["stats"], group["warmup_steps"]))
+
+
+def _advance_lr_free(group: dict[str, Any], dots, l1, applied, a) -> None:
+    lr_free.advance(group["stats"], dots, l1, applied.to(a.device), a, _beta3(group))
+    group["lr"] = lr_free.step_size(group["stats"], group["lr_free_scale"])  # shown to loggers; read by nothing
+
+
+def _beta3(group: dict[str, Any]) -> float:
+    return group["betas"][1] ** 0.5
 
 
 def _gradients(plan: param_state.GroupPlan, given: list[torch.Tensor] | None = None):

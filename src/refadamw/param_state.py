@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from . import kernels, sharding
+from . import kernels, lr_free, sharding
 from .partition import BlockLayout, block_layout
 from .precision import compute_dtype, resolve_state_dtype, second_moment_dtype, tensor_key
 from .validation import check_bool, check_hyperparameters
@@ -57,7 +57,7 @@ def check_block_layouts(group: Mapping[str, Any]) -> None:
 def hyper(group: Mapping[str, Any]) -> kernels.Hyper:
     """The kernels' hyperparameters of a param group."""
     return kernels.Hyper(
-        lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
+        lr=lr_free.step_size(group["stats"], group["lr_free_scale"]) if group["lr_free"] else group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
         weight_decay=group["weight_decay"], warmup_steps=group["warmup_steps"], auto_lr=group["auto_lr"],
         min_lr=group["min_lr"], max_lr=group["max_lr"], norm_ema_alpha=group["norm_ema_alpha"],
         schedule_free=group["schedule_free"],
@@ -76,6 +76,9 @@ def expected(group: Mapping[str, Any], param: torch.Tensor, index: int | None = 
         out["z_minus_y"] = (param.shape, storage)
     else:
         out["exp_avg"] = (param.shape, storage)
+    if group["lr_free"]:
+        sample = (lr_free.sample_size(sharding.local(param).numel()),)
+        out.update({key: (sample, torch.float32) for key in lr_free.STATE_KEYS})
     return out
 
 
@@ -99,11 +102,15 @@ def init_state(group: Mapping[str, Any], param: torch.Tensor, seed: int, ordinal
     for key, (shape, dtype) in expected(group, param, index).items():
         if key == "rounding_key":
             state[key] = torch.tensor(tensor_key(seed, ordinal), dtype=dtype, device=shard.device)
+        elif key in lr_free.STATE_KEYS:
+            continue  # below, both at once
         elif key in local_shapes:
             make = torch.zeros if key == "z_minus_y" else torch.empty
             state[key] = sharding.like_param(make(local_shapes[key], dtype=dtype, device=shard.device), param, shape)
         else:
             state[key] = torch.zeros(shape, dtype=dtype, device=shard.device)
+    if group["lr_free"]:
+        state.update(lr_free.init_state(shard))
     return state
 
 
@@ -143,6 +150,9 @@ def checked_param_state(group, param, saved: Any, key: Any, index: int) -> dict[
 
 
 SEED_GROUP_KEYS = {"schedulefree_alpha": "norm_ema_alpha"}
+EARLIER_GROUP_KEYS = {"lr_free": False, "lr_free_scale": 1.0}
+"""Param-group keys that checkpoints written before they existed lack, and the value that reproduces those
+runs (a fixed lr)."""
 """Param-group keys under their seed names (checkpoints written before the rename) → today's."""
 
 
@@ -175,6 +185,8 @@ def checked_load(class_name: str, groups: list[dict[str, Any]], defaults: Mappin
             raise TypeError(f"param group {i} of the state_dict is not a dict")
         saved = dict(saved)
         rename_seed_keys(saved)
+        for key, value in EARLIER_GROUP_KEYS.items():
+            saved.setdefault(key, value)
         lacking = required - set(saved)
         if lacking:
             raise ValueError(f"the state_dict does not come from {class_name} (param group {i} lacks {sorted(lacking)})")
@@ -191,7 +203,8 @@ def checked_load(class_name: str, groups: list[dict[str, Any]], defaults: Mappin
         if "param_names" not in saved and "param_names" in group:
             here["param_names"] = group["param_names"]
         check_block_layouts(here)
-        new_group["stats"] = checked_stats(saved["stats"], group["stats"], stat_keys, i)
+        keys = stat_keys + (lr_free.STAT_KEYS if new_group["lr_free"] else ())
+        new_group["stats"] = checked_stats(saved["stats"], group["stats"]["steps"], keys, i)
         for index, (param, key) in enumerate(zip(group["params"], saved["params"])):
             if key in saved_state:
                 new_state[param] = checked_param_state(here, param, saved_state[key], key, index)
@@ -203,12 +216,12 @@ def checked_load(class_name: str, groups: list[dict[str, Any]], defaults: Mappin
     return new_groups, new_state
 
 
-def checked_stats(saved: Any, current: dict[str, torch.Tensor], stat_keys: tuple, index: int) -> dict[str, torch.Tensor]:
+def checked_stats(saved: Any, like: torch.Tensor, stat_keys: tuple, index: int) -> dict[str, torch.Tensor]:
     if not isinstance(saved, Mapping) or set(saved) != set(stat_keys) or not all(
         isinstance(v, torch.Tensor) and v.numel() == 1 for v in saved.values()
     ):
         raise ValueError(f"param group {index} of the state_dict has malformed 'stats'")
-    return {k: saved[k].detach().to(current[k], copy=True).reshape(()) for k in stat_keys}
+    return {k: saved[k].detach().to(like, copy=True).reshape(()) for k in stat_keys}
 
 
 class GroupPlan:

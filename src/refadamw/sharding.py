@@ -193,32 +193,38 @@ def like_param(local_tensor: torch.Tensor, param: torch.Tensor, global_shape: to
                               shape=torch.Size(global_shape), stride=stride)
 
 
-def global_norms(grads: list[torch.Tensor], local_norms: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Whole-tensor 2-norms from the norms of the local shards.
-
-    ``grads[i]`` is the (possibly ``DTensor``) gradient whose local shard has
-    norm ``local_norms[i]``. Sharded ones are combined as
-    ``sqrt(all_reduce_sum(local_norm²))`` over the mesh dimensions they are
-    sharded on, one collective per mesh, dtype and mesh dimension. Plain and
-    replicated gradients keep their norm. Overflow of the squares gives inf,
-    which the hygiene gate treats like any non-finite norm.
-    """
+def global_sums(tensors: list[torch.Tensor], local_values: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Whole-tensor sums from per-shard ones: ``local_values[i]`` is a sum over the local shard of
+    ``tensors[i]`` (possibly a ``DTensor``). Sharded ones are all-reduced (summed) over the mesh
+    dimensions they are sharded on, one collective per mesh, dtype and mesh dimension; plain and
+    replicated ones keep their value."""
     groups: dict[tuple, list[int]] = {}
-    for i, g in enumerate(grads):
-        if is_sharded(g):
-            dims = tuple(d for d, pl in enumerate(g.placements) if pl.is_shard())
+    for i, t in enumerate(tensors):
+        if is_sharded(t):
+            dims = tuple(d for d, pl in enumerate(t.placements) if pl.is_shard())
             if dims:
-                groups.setdefault((g.device_mesh, dims, local_norms[i].dtype), []).append(i)
+                groups.setdefault((t.device_mesh, dims, local_values[i].dtype), []).append(i)
     if not groups:
-        return local_norms
+        return local_values
     import torch.distributed._functional_collectives as funcol  # loaded with DTensor already
 
-    out = list(local_norms)
+    out = list(local_values)
     for (mesh, dims, _), idx in groups.items():
-        squares = torch.stack([local_norms[i] for i in idx]).square()
+        values = torch.stack([local_values[i] for i in idx])
         for dim in dims:
-            squares = funcol.all_reduce(squares, "sum", (mesh, dim))
-        for i, norm in zip(idx, squares.sqrt().unbind()):
-            out[i] = norm
+            values = funcol.all_reduce(values, "sum", (mesh, dim))
+        for i, value in zip(idx, values.unbind()):
+            out[i] = value
     return out
+
+
+def global_norms(grads: list[torch.Tensor], local_norms: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Whole-tensor 2-norms from the norms of the local shards: ``sqrt`` of the :func:`global_sums` of
+    their squares for sharded gradients (overflow of the squares gives inf, which the hygiene gate
+    treats like any non-finite norm); plain and replicated gradients keep their norm."""
+    if not any(is_sharded(g) for g in grads):
+        return local_norms
+    squares = [n.square() for n in local_norms]
+    summed = global_sums(grads, squares)
+    return [n if s is q else s.sqrt() for n, q, s in zip(local_norms, squares, summed)]
 

@@ -103,7 +103,11 @@ def check_hyperparameters(g: Mapping[str, Any], spelled: Mapping[str, str] | Non
 
     ``spelled`` maps a key to the name the caller gave it under (a seed alias), for the message."""
     spelled = spelled or {}
-    check_number("lr", g["lr"], 0.0, finite=True)
+    if g.get("lr_free", False) is not None:
+        check_bool("lr_free", g.get("lr_free", False))
+    if g["lr"] is not None:  # None: the lr-free step size (refadamw.lr_free.resolve_mode)
+        check_number("lr", g["lr"], 0.0, finite=True)
+    check_number("lr_free_scale", g.get("lr_free_scale", 1.0), 0.0, low_open=True, finite=True)
     betas = g["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")

@@ -1,0 +1,135 @@
+"""The learning-rate-free step size: a Prodigy distance estimate, per param group, on a sample of each tensor.
+
+Prodigy (Mishchenko & Defazio, "Prodigy: An Expeditiously Adaptive Parameter-Free Learner", ICML 2024,
+arXiv:2306.06101), after D-Adaptation (Defazio & Mishchenko, ICML 2023, arXiv:2301.07733), estimates
+``D = ‖x0 − x*‖`` from below and steps with it. Here it runs on Schedule-Free's fast iterate ``z``
+(the online learner whose regret the averaging turns into convergence) and on every
+:data:`STRIDE`-th element of each tensor, ``S``, so the state is two fp32 samples per tensor
+(8/97 ≈ 0.08 byte per parameter) instead of two parameter-sized buffers. Per param group, at a step
+with estimate ``d`` (``d = D0`` at first) and warmup factor ``w_t = min(1, t/warmup_steps)``:
+
+    η      = lr_free_scale·d·w_t                     the step size the kernels get as ``lr``·warmup
+    a      = (d/D0)²·w_t                              this step's weight (0 on a skipped step)
+    r      ← β3·r + a·Σ_tensors ⟨g_S, x0_S − z_S⟩       z = y + δ before this step's update
+    s_i    ← β3·s_i + a·g_S                             one sample buffer per tensor
+    d      ← max(d, r / Σ_tensors ‖s_i‖₁)                for the next step; unchanged while the sum is 0
+
+with ``β3 = sqrt(β2)`` and ``x0`` the tensor's sampled values at its first step. ``r`` and ``d`` live in
+the group's ``stats`` (``lr_free_numerator``, ``lr_free_d``); ``s`` and ``x0`` in each parameter's
+state. Everything is tensor arithmetic: nothing reads a value on the host. The sums over a group's
+tensors are taken per tensor and then added in the group's parameter order; under FSDP2 each rank
+samples its own shard and the two sums are all-reduced (:func:`refadamw.sharding.global_sums`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .averaging import warmup_factor
+
+STRIDE = 97
+"""Every STRIDE-th element of a tensor is sampled (a prime, so the sample does not align with rows)."""
+D0 = 1e-6
+"""The first estimate of the distance: the first steps are tiny, and ``d`` grows from there (Prodigy's d0)."""
+STAT_KEYS = ("lr_free_d", "lr_free_numerator")
+"""The group ``stats`` entries the estimate keeps: the estimate ``d`` and the running numerator ``r``."""
+STATE_KEYS = ("lr_free_anchor", "lr_free_sum")
+"""The per-parameter state: ``x0`` and ``s`` on the sampled elements (fp32)."""
+
+
+def resolve_mode(group: dict) -> float | None:
+    """Settle a param group's mode, in place: ``lr_free`` None means on exactly when ``lr`` is None.
+    Returns a number ``lr`` that an explicit ``lr_free=True`` leaves unused (None otherwise).
+
+    A number ``lr`` with ``lr_free`` left at None is a fixed lr, exactly as given; ``lr=None`` with
+    ``lr_free=False`` is refused, and so is an ``lr_free_scale`` other than 1 on a fixed-lr group
+    (it would silently do nothing)."""
+    lr, mode = group["lr"], group["lr_free"]
+    if mode is None:
+        mode = lr is None
+    if not mode and lr is None:
+        raise ValueError("lr=None asks for the lr-free step size, but lr_free=False: pass a number for lr, "
+                         "or leave lr_free unset")
+    if not mode and group["lr_free_scale"] != 1.0:
+        raise ValueError(f"lr_free_scale={group['lr_free_scale']} multiplies the lr-free step size, but this group "
+                         f"has a fixed lr={lr}: drop lr to make it lr-free, or drop lr_free_scale")
+    group["lr_free"] = mode
+    return lr if mode and isinstance(lr, (int, float)) else None
+
+
+def sample_size(numel: int) -> int:
+    return -(-numel // STRIDE)
+
+
+def sampled(t: torch.Tensor) -> torch.Tensor:
+    """The sampled elements of ``t`` (a view when ``t`` is contiguous)."""
+    return t.reshape(-1)[::STRIDE]
+
+
+def init_state(shard: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The sampled anchor ``x0`` (the values now, before the first step) and a zero ``s``."""
+    anchor = sampled(shard.detach()).to(torch.float32, copy=True)
+    return {"lr_free_anchor": anchor, "lr_free_sum": torch.zeros_like(anchor)}
+
+
+def init_stats(device: torch.device) -> dict[str, torch.Tensor]:
+    return {"lr_free_d": torch.full((), D0, device=device), "lr_free_numerator": torch.zeros((), device=device)}
+
+
+def weight(stats: dict[str, torch.Tensor], warmup_steps: int) -> torch.Tensor:
+    """``(d/D0)²·w_t`` for the group's next step, ``t`` its applied steps + 1."""
+    warm = warmup_factor(stats["steps"].to(torch.float32) + 1, warmup_steps)
+    return (stats["lr_free_d"] / D0).square() * warm.to(stats["lr_free_d"])
+
+
+def step_size(stats: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+    """The group's ``lr`` for the kernels: ``lr_free_scale·d`` (the kernels apply the warmup)."""
+    return stats["lr_free_d"] * scale
+
+
+def segment_sums(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Each tensor's sum of its consecutive ``lengths`` values: a tensor's sum depends on its own values
+    alone, so the fused backward pass, which sees the tensors a few at a time, adds exactly as ``step()``."""
+    return torch.segment_reduce(values, "sum", lengths=lengths)
+
+
+class Observation:
+    """One kernel call's tensors of a lr-free group, seen before their update: per tensor
+    ``⟨g_S, x0_S − z_S⟩`` (``dots``), and the sample of ``g``, for :meth:`commit` to update ``s`` once the
+    update's gate is known. ``a`` is the step's weight (:func:`weight`)."""
+
+    def __init__(self, params: list[torch.Tensor], grads: list[torch.Tensor], offsets: list[torch.Tensor] | None,
+                 states: list[dict[str, torch.Tensor]], a: torch.Tensor) -> None:
+        sizes = [s["lr_free_anchor"].numel() for s in states]
+        g = torch.cat([sampled(t).to(torch.float32) for t in grads])
+        z = torch.cat([sampled(p).to(torch.float32) for p in params])
+        if offsets is not None:  # Schedule-Free: z = y + δ; without it, the iterate is y
+            z = z + torch.cat([sampled(o).to(torch.float32) for o in offsets])
+        anchor = torch.cat([s["lr_free_anchor"] for s in states])
+        self.lengths = torch.tensor(sizes).to(g.device, non_blocking=True)
+        # a non-finite gradient gives a non-finite product; the update's gate then leaves everything as it was
+        self.dots = segment_sums(g * (anchor - z), self.lengths)
+        self.grads, self.sizes, self.states, self.a = g, sizes, states, a
+
+    def commit(self, applied: torch.Tensor, beta3: float) -> torch.Tensor:
+        """``s_i ← β3·s_i + a·g_S`` where ``applied``; returns each tensor's ``‖s_i‖₁`` after."""
+        buffers = [s["lr_free_sum"] for s in self.states]
+        old = torch.cat(buffers)
+        new = torch.where(applied.to(old.device), old * beta3 + self.grads * self.a.to(old.device), old)
+        torch._foreach_copy_(buffers, list(new.split(self.sizes)))
+        return segment_sums(new.abs(), self.lengths)
+
+
+def advance(stats: dict[str, torch.Tensor], dots: torch.Tensor, l1: torch.Tensor, applied: torch.Tensor,
+            a: torch.Tensor, beta3: float) -> None:
+    """End of a group's step: ``r ← β3·r + a·Σ dots`` and ``d ← max(d, r/Σ ‖s‖₁)``, where ``applied``.
+
+    ``dots`` and ``l1`` are the per-tensor values of the step's tensors in the group's parameter order
+    (already summed over the ranks for sharded tensors)."""
+    d, numerator = stats["lr_free_d"], stats["lr_free_numerator"]
+    new_numerator = numerator * beta3 + a * dots.sum()
+    denominator = l1.sum()
+    estimate = new_numerator / denominator
+    usable = applied & (denominator > 0) & estimate.isfinite()
+    numerator.copy_(torch.where(applied & new_numerator.isfinite(), new_numerator, numerator))
+    d.copy_(torch.where(usable, torch.maximum(d, estimate), d))

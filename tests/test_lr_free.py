@@ -1,0 +1,190 @@
+"""The lr-free step size (refadamw.lr_free): its equations against a float64 reference recomputed from the
+run's own iterates, its semantics, group independence, the fused backward pass and resume."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+
+from refadamw import AdamWMiniSF, RefAdamWMiniSF, fused_backward, lr_free
+
+
+def _model(seed=0, width=32):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(12, width), torch.nn.GELU(), torch.nn.Linear(width, 1))
+
+
+def _data(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, 12, generator=g)
+    return x, x[:, :3].sum(1, keepdim=True).sin()
+
+
+def _loss(model, x, y):
+    return ((model(x) - y) ** 2).mean()
+
+
+def test_estimate_matches_a_float64_reference():
+    """d, r and s follow the module docstring's equations, recomputed in float64 from y, δ and g seen at each
+    step (taken just before it), with z = y + δ and x0 the initial values, every STRIDE-th element."""
+    model = _model()
+    x, y = _data()
+    opt = AdamWMiniSF(model.parameters(), lr=None, warmup_steps=5, state_dtype="fp32")
+    params = list(model.parameters())
+    beta3 = math.sqrt(0.999)
+    x0 = [p.detach().reshape(-1)[::lr_free.STRIDE].double().clone() for p in params]
+    s = [torch.zeros_like(a) for a in x0]
+    d, r = lr_free.D0, 0.0
+    for t in range(1, 31):
+        opt.zero_grad()
+        _loss(model, x, y).backward()
+        a = (d / lr_free.D0) ** 2 * min(1.0, t / 5)
+        dots = 0.0
+        for i, p in enumerate(params):
+            z = p.detach().double() + (opt.state[p]["z_minus_y"].double() if opt.state.get(p) else 0.0)
+            g = p.grad.double().reshape(-1)[::lr_free.STRIDE]
+            dots += float((g * (x0[i] - z.reshape(-1)[::lr_free.STRIDE])).sum())
+            s[i] = beta3 * s[i] + a * g
+        r = beta3 * r + a * dots
+        l1 = sum(float(v.abs().sum()) for v in s)
+        d = max(d, r / l1) if l1 > 0 else d
+        opt.step()
+        # x0 − z is a difference of fp32 weights that moved by ~d: rounding of the weights (not of the
+        # estimate) limits the agreement to ~1e-3, far below the ×10^4 growth of d being checked
+        got = float(opt.param_groups[0]["stats"]["lr_free_d"])
+        assert got == pytest.approx(d, rel=1e-2), t
+        assert float(opt.param_groups[0]["stats"]["lr_free_numerator"]) == pytest.approx(r, rel=1e-2, abs=1e-12)
+    assert d > 100 * lr_free.D0  # the estimate moved: the comparison above is not of constants
+    for i, p in enumerate(params):
+        torch.testing.assert_close(opt.state[p]["lr_free_sum"].double(), s[i], rtol=1e-2, atol=1e-2 * float(s[i].abs().max()))
+    # the step size in force is lr_free_scale·d, shown in param_groups
+    assert float(opt.param_groups[0]["lr"]) == pytest.approx(got, rel=1e-6)
+
+
+def test_first_step_is_scale_times_d0_times_warmup():
+    for scale in (1.0, 3.0):
+        model = _model()
+        x, y = _data()
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = AdamWMiniSF(model.parameters(), lr=None, lr_free_scale=scale, warmup_steps=0, state_dtype="fp32")
+        _loss(model, x, y).backward()
+        opt.step()
+        assert float(opt.stats()["lr"]) == pytest.approx(scale * lr_free.D0, rel=1e-6)
+        moved = max(float((p.detach() - b).abs().max()) for p, b in zip(model.parameters(), before))
+        assert moved < 10 * scale * lr_free.D0
+
+
+def test_a_number_lr_is_exactly_honoured():
+    model = _model()
+    opt = AdamWMiniSF(model.parameters(), lr=1e-3)
+    assert opt.param_groups[0]["lr_free"] is False and opt.param_groups[0]["lr"] == 1e-3
+    x, y = _data()
+    _loss(model, x, y).backward()
+    opt.step()
+    assert opt.param_groups[0]["lr"] == 1e-3 and "lr_free_d" not in opt.param_groups[0]["stats"]
+    assert not any(k.startswith("lr_free") for k in opt.state[next(model.parameters())])
+
+
+def test_lr_free_true_warns_that_a_passed_lr_is_unused():
+    with pytest.warns(UserWarning, match=r"lr_free=True: the lr passed \(0.0001\) is not used"):
+        opt = AdamWMiniSF(_model().parameters(), lr=1e-4, lr_free=True)
+    assert opt.param_groups[0]["lr_free"] is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AdamWMiniSF(_model().parameters(), lr=None)
+
+
+def test_state_is_under_a_tenth_of_a_byte_per_parameter():
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 256))
+    opt = AdamWMiniSF(model.parameters(), lr=None)
+    sum(p.sum() for p in model.parameters()).backward()
+    opt.step()
+    n = sum(p.numel() for p in model.parameters())
+    extra = sum(t.numel() * t.element_size() for st in opt.state.values() for k, t in st.items() if k in lr_free.STATE_KEYS)
+    assert 0 < extra / n <= 0.1
+
+
+def test_each_group_has_its_own_estimate():
+    """A group's estimate and trajectory are bit for bit the same whether another group trains beside it."""
+    x, y = _data()
+
+    def run(with_other: bool):
+        a, b = _model(0), _model(5, width=8)
+        groups = [{"params": a.parameters()}] + ([{"params": b.parameters(), "lr_free_scale": 4.0}] if with_other else [])
+        opt = AdamWMiniSF(groups, lr=None, warmup_steps=3)
+        for _ in range(15):
+            opt.zero_grad()
+            loss = _loss(a, x, y) + (_loss(b, x, 2 * y) if with_other else 0)
+            loss.backward()
+            opt.step()
+        return opt, a
+
+    alone, model_alone = run(False)
+    both, model_both = run(True)
+    assert torch.equal(alone.param_groups[0]["stats"]["lr_free_d"], both.param_groups[0]["stats"]["lr_free_d"])
+    for p, q in zip(model_alone.parameters(), model_both.parameters()):
+        assert torch.equal(p, q)
+    assert not torch.equal(both.param_groups[0]["stats"]["lr_free_d"], both.param_groups[1]["stats"]["lr_free_d"])
+
+
+@pytest.mark.parametrize("cls", [AdamWMiniSF, RefAdamWMiniSF])
+def test_fused_backward_pass_is_bit_exact(cls):
+    x, y = _data()
+
+    def run(fused: bool):
+        model = torch.nn.Sequential(torch.nn.Linear(12, 600), torch.nn.GELU(), torch.nn.Linear(600, 1))
+        torch.manual_seed(0)
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.1)
+        kw = {"total_steps": 20, "ref_alpha": 0.0} if cls is RefAdamWMiniSF else {}  # λ would apply a step later
+        opt = cls(model.parameters(), lr=None, warmup_steps=3, fused_back_pass=fused, **kw)
+        if fused:
+            fused_backward(model, opt)
+        for _ in range(12):
+            opt.zero_grad()
+            _loss(model, x, y).backward()
+            opt.step()
+        return model, opt
+
+    (m1, o1), (m2, o2) = run(False), run(True)
+    assert torch.equal(o1.param_groups[0]["stats"]["lr_free_d"], o2.param_groups[0]["stats"]["lr_free_d"])
+    assert float(o1.param_groups[0]["stats"]["lr_free_d"]) > 10 * lr_free.D0
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_resume_is_bit_exact_and_old_checkpoints_keep_their_fixed_lr():
+    x, y = _data()
+    model = _model()
+    opt = RefAdamWMiniSF(model.parameters(), lr=None, total_steps=30)
+
+    def steps(m, o, n):
+        for _ in range(n):
+            o.zero_grad()
+            _loss(m, x, y).backward()
+            o.step()
+
+    steps(model, opt, 10)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    steps(model, opt, 10)
+    other = _model(3)
+    other.load_state_dict(saved_model)
+    resumed = RefAdamWMiniSF(other.parameters(), lr=None, total_steps=30)
+    resumed.load_state_dict(saved_opt)
+    steps(other, resumed, 10)
+    for p, q in zip(model.parameters(), other.parameters()):
+        assert torch.equal(p, q)
+    # a checkpoint written before lr-free existed: its groups had a fixed lr, and keep it
+    fixed_model = _model()
+    fixed = AdamWMiniSF(fixed_model.parameters(), lr=2e-3)
+    steps(fixed_model, fixed, 2)
+    old = fixed.state_dict()
+    for group in old["param_groups"]:
+        group.pop("lr_free"), group.pop("lr_free_scale")
+    fresh = AdamWMiniSF(_model().parameters(), lr=None)
+    fresh.load_state_dict(old)
+    assert fresh.param_groups[0]["lr_free"] is False and fresh.param_groups[0]["lr"] == 2e-3
