@@ -56,8 +56,10 @@ def check_block_layouts(group: Mapping[str, Any]) -> None:
 
 def hyper(group: Mapping[str, Any]) -> kernels.Hyper:
     """The kernels' hyperparameters of a param group."""
+    # an lr-free group's step size comes from its estimate, not from group["lr"], which only shows it
+    lr = lr_free.step_size(group["stats"], group["lr_free_scale"]) if group["lr_free"] else group["lr"]
     return kernels.Hyper(
-        lr=lr_free.step_size(group["stats"], group["lr_free_scale"]) if group["lr_free"] else group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
+        lr=lr, beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
         weight_decay=group["weight_decay"], warmup_steps=group["warmup_steps"], auto_lr=group["auto_lr"],
         min_lr=group["min_lr"], max_lr=group["max_lr"], norm_ema_alpha=group["norm_ema_alpha"],
         schedule_free=group["schedule_free"],
@@ -150,10 +152,10 @@ def checked_param_state(group, param, saved: Any, key: Any, index: int) -> dict[
 
 
 SEED_GROUP_KEYS = {"schedulefree_alpha": "norm_ema_alpha"}
+"""Param-group keys under their seed names (checkpoints written before the rename) → today's."""
 EARLIER_GROUP_KEYS = {"lr_free": False, "lr_free_scale": 1.0}
 """Param-group keys that checkpoints written before they existed lack, and the value that reproduces those
 runs (a fixed lr)."""
-"""Param-group keys under their seed names (checkpoints written before the rename) → today's."""
 
 
 def rename_seed_keys(group: dict[str, Any]) -> None:
