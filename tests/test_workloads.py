@@ -6,9 +6,20 @@ import pytest
 import torch
 
 from refadamw.bench import runner
-from refadamw.bench.workloads import base, fashion_mnist, friedman, shakespeare
+from refadamw.bench.workloads import (
+    base,
+    digits_resnet,
+    fashion_mnist,
+    flow_matching,
+    friedman,
+    lora_finetune,
+    shakespeare,
+    shakespeare_long,
+)
 
-WORKLOADS = {"shakespeare": shakespeare, "fashion_mnist": fashion_mnist, "friedman": friedman}
+WORKLOADS = {"lora_finetune": lora_finetune, "shakespeare": shakespeare, "shakespeare_long": shakespeare_long,
+             "digits_resnet": digits_resnet, "flow_matching": flow_matching, "friedman": friedman,
+             "fashion_mnist": fashion_mnist}
 
 
 def make(name: str, seed: int = 0):
@@ -34,6 +45,8 @@ def _one_thread():
 
 def test_registry_lists_every_workload():
     assert set(runner.WORKLOADS) == set(WORKLOADS)
+    assert set(runner.MAIN_WORKLOADS) == set(WORKLOADS) - {"fashion_mnist"}, "the default needs no apt step"
+    assert runner.QUICK_WORKLOADS == ("lora_finetune",)
     with pytest.raises(ValueError, match="unknown workload"):
         runner.make_task("imagenet")
 
@@ -99,6 +112,85 @@ def test_fashion_mnist_split_is_disjoint():
     assert x_train.shape[1:] == (1, 28, 28) and set(y_val.tolist()) == set(range(10))
     seen = {row.numpy().tobytes() for row in x_train.flatten(1)}
     assert not any(row.numpy().tobytes() in seen for row in x_val.flatten(1))
+
+
+def test_digits_split_is_disjoint():
+    task = make("digits_resnet")
+    x_train, y_train, x_val, y_val = digits_resnet.load()
+    assert x_train.shape[1:] == (1, 8, 8) and set(y_val.tolist()) == set(range(10))
+    assert len(x_train) + len(x_val) == 1797 and task.info["n_val"] == len(x_val)
+    seen = {row.numpy().tobytes() for row in x_train.flatten(1)}
+    assert not any(row.numpy().tobytes() in seen for row in x_val.flatten(1))
+
+
+def test_shifted_moves_each_image_by_at_most_one_pixel():
+    x = torch.zeros(64, 1, 8, 8)
+    x[:, 0, 3, 4] = 1.0
+    moved = digits_resnet.shifted(x, torch.Generator().manual_seed(0))
+    where = moved[:, 0].flatten(1).argmax(1)
+    rows, cols = where // 8, where % 8
+    assert torch.all(moved.sum((1, 2, 3)) == 1.0), "a shift inside the border keeps the pixel"
+    assert set(zip(rows.tolist(), cols.tolist(), strict=True)) == {(3 + dy, 4 + dx) for dy in (-1, 0, 1)
+                                                                   for dx in (-1, 0, 1)}
+
+
+def test_digits_resnet_evaluates_with_statistics_of_the_evaluated_weights():
+    task = make("digits_resnet")
+    bn = [m for m in task.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bn and any(isinstance(m, digits_resnet.ResidualBlock) for m in task.model.modules())
+    with torch.no_grad():
+        for m in bn:
+            m.running_mean.fill_(5.0)  # stale statistics, as if gathered at other weights
+    stale = [m.running_mean.clone() for m in bn]
+    val = task.val_loss(task.model)
+    assert all(not torch.equal(m.running_mean, s) for m, s in zip(bn, stale, strict=True))
+    assert val == task.val_loss(task.model), "recomputed from fixed batches: the same weights give the same loss"
+
+
+def test_lora_finetune_trains_only_the_adapters_of_a_pretrained_model():
+    task = make("lora_finetune")
+    names = [n for n, _ in task.model.named_parameters()]
+    assert names and all(n.endswith((".A", ".B")) for n in names), "every pretrained weight must be frozen"
+    assert len(names) == 2 * 6 * 2, "A and B on the 4 attention and 2 MLP projections of both blocks"
+    assert sum(p.numel() for p in task.model.parameters()) == task.info["adapter_params"]
+    fresh = shakespeare.TinyGPT(task.info["vocab"], task.info["context"], 64, 4, 2)
+    fresh.load_state_dict(lora_finetune.pretrained(0, True))
+    ids = task.train_batch(0)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(task.model(ids), fresh(ids), rtol=0, atol=1e-6, msg="B = 0: starts at the base")
+    assert task.val_loss(task.model) == task.baseline
+    unigram = math.log(task.info["vocab"])
+    assert task.baseline < unigram, "pretraining on the plays must already help on the second text"
+
+
+def test_lora_finetune_texts_are_disjoint():
+    plays, train, val = lora_finetune.texts()
+    assert val and len(train) > 5 * len(val)
+    assert not set(train) & set(val)
+    _, train_ids, val_ids, vocab = lora_finetune.load()
+    assert len(vocab) <= 256 and len(train_ids) > 100_000
+    train_bytes = bytes(train_ids.numpy())
+    starts = range(0, len(val_ids) - 200, 101)
+    # Documentation repeats stock phrases; whole topics repeated (half of all windows) would fail this.
+    seen = sum(bytes(val_ids[s:s + 200].numpy()) in train_bytes for s in starts)
+    assert seen <= 0.02 * len(starts)
+
+
+def test_flow_matching_targets_the_straight_path():
+    x1 = torch.randn(16, 64)
+    x_t, t, velocity = flow_matching.path(x1, torch.Generator().manual_seed(0))
+    x0 = x1 - velocity
+    torch.testing.assert_close(x_t, (1 - t[:, None]) * x0 + t[:, None] * x1)
+    assert torch.all((0 <= t) & (t <= 1))
+    task = make("flow_matching")
+    exact = task.val_loss(task.model)
+    assert exact > 0 and task.baseline < exact, "an untrained net is worse than the best constant velocity"
+
+
+def test_shakespeare_long_runs_five_times_the_steps():
+    long, short = make("shakespeare_long"), make("shakespeare")
+    assert long.steps == 5 * short.steps and long.name == "shakespeare_long"
+    assert same(long.train_batch(3), short.train_batch(3))
 
 
 def test_friedman_split_is_disjoint():

@@ -21,8 +21,9 @@ def main(argv: list[str] | None = None) -> int:
                        default="main", help="main (default): every optimizer, tuned; the others study one feature")
     bench.add_argument("--quick", action="store_true", help="small models and short runs (about 2 minutes)")
     bench.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default: 1 quick, 2 full)")
-    bench.add_argument("--workloads", default="shakespeare,fashion_mnist,friedman",
-                       help="comma-separated workloads (default: all three)")
+    bench.add_argument("--workloads", default=None,
+                       help="comma-separated workloads (default: main suite: lora_finetune with --quick, all but "
+                            "fashion_mnist without; other suites: shakespeare,digits_resnet,friedman)")
     bench.add_argument("--optimizers", default=None,
                        help="main suite: comma-separated optimizers (default: all of them)")
     bench.add_argument("--out", default=None,
@@ -62,7 +63,11 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from . import runner, suites
     from .optimizers import NAMES
 
-    workloads = tuple(w for w in args.workloads.split(",") if w)
+    if args.workloads is None:
+        workloads = (runner.SUITE_WORKLOADS if args.suite != "main" else
+                     runner.QUICK_WORKLOADS if args.quick else runner.MAIN_WORKLOADS)
+    else:
+        workloads = tuple(w for w in args.workloads.split(",") if w)
     unknown = [w for w in workloads if w not in runner.WORKLOADS]
     if unknown or not workloads:
         parser.error(f"--workloads: unknown {unknown}; choose from {', '.join(runner.WORKLOADS)}")

@@ -32,6 +32,7 @@ import torch
 from ..back_pass import fused_backward
 from ..optimizer import AdamWMiniSF, RefAdamWMiniSF
 from .measure import state_bytes_per_param
+from .workloads.lora_finetune import LoRA
 
 WIDTHS = (64, 320, 320, 320, 16)
 SHIFT_RANK = 8
@@ -56,19 +57,6 @@ def _mlp(seed: int) -> torch.nn.Sequential:
 
 def _linears(model: torch.nn.Sequential) -> list[torch.nn.Linear]:
     return [m for m in model if isinstance(m, torch.nn.Linear)]
-
-
-class LoRA(torch.nn.Module):
-    """``x ↦ base(x) + x·Aᵀ·Bᵀ`` around a frozen ``Linear``."""
-
-    def __init__(self, base: torch.nn.Linear, rank: int, gen: torch.Generator):
-        super().__init__()
-        self.base = base.requires_grad_(False)
-        self.A = torch.nn.Parameter(torch.randn(rank, base.in_features, generator=gen) / math.sqrt(base.in_features))
-        self.B = torch.nn.Parameter(torch.zeros(base.out_features, rank))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + (x @ self.A.T) @ self.B.T
 
 
 class Problem:

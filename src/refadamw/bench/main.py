@@ -37,14 +37,17 @@ OURS = "refadamw"
 BASELINE = "adamw_cosine"
 GRIDS: dict[str, tuple[float, ...]] = {
     OURS: (1e-3, 3e-3, 1e-2, 3e-2),
-    "adamw_mini_sf": (3e-3, 1e-2, 3e-2),
-    "adamw_cosine": (3e-3, 1e-2, 3e-2),
-    "adamw_constant": (1e-3, 3e-3, 1e-2),
-    "schedulefree": (3e-3, 1e-2, 3e-2),
-    "adam_mini": (1e-3, 3e-3, 1e-2),
+    "adamw_mini_sf": (1e-3, 3e-3, 1e-2, 3e-2),
+    "adamw_cosine": (1e-3, 3e-3, 1e-2, 3e-2),
+    "adamw_constant": (3e-4, 1e-3, 3e-3, 1e-2),
+    "schedulefree": (1e-3, 3e-3, 1e-2, 3e-2),
+    "adam_mini": (3e-4, 1e-3, 3e-3, 1e-2),
+    "prodigy_sf": (1.0,),
     "seed_legacy": (3e-4, 1e-3, 3e-3),
 }
-"""Learning-rate grids, spaced ×3; ``--quick`` runs only the middle value (ours: its default)."""
+"""Learning-rate grids, four points spaced ×3 for every tuned peer; ``--quick`` runs only one value
+(``len // 2``; ours: its default). ``prodigy_sf`` runs at its defaults (``lr=1.0``, its multiplier on the
+estimate), as its users run it; the seed's front door, at its original defaults' neighbourhood."""
 SENSITIVITY = (OURS, "adamw_cosine", "schedulefree")
 SPIKED: tuple[tuple[str, str | None], ...] = (
     (OURS, None), (OURS, "norm1"), ("adamw_cosine", None), ("adamw_cosine", "norm1"), ("adamw_cosine", "zclip"),

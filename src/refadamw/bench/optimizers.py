@@ -39,7 +39,8 @@ def training(optimizer):
     return optimizer
 
 
-NAMES = ("refadamw", "adamw_mini_sf", "adamw_cosine", "adamw_constant", "schedulefree", "adam_mini", "seed_legacy")
+NAMES = ("refadamw", "adamw_mini_sf", "adamw_cosine", "adamw_constant", "schedulefree", "adam_mini", "prodigy_sf",
+         "seed_legacy")
 """Every optimizer :func:`build` knows, in the order reports list them."""
 
 
@@ -88,9 +89,21 @@ def build(name: str, lr: float | None, steps: int, info: dict | None = None,
 
         def make_adam_mini(model):
             # Adam-mini finds embeddings, heads and attention blocks by parameter name.
-            return Adam_mini(model.named_parameters(), lr=lr or 1e-3, weight_decay=0.0, verbose=False, **shape)
+            opt = Adam_mini(model.named_parameters(), lr=lr or 1e-3, weight_decay=0.0, verbose=False, **shape)
+            if (info or {}).get("lora"):
+                # Its query/key rule splits a (dim, dim) weight by head; a LoRA factor of wq is (rank, dim).
+                opt.wqk_names.clear()
+            return opt
 
         return make_adam_mini, None
+    if name == "prodigy_sf":
+        try:
+            from prodigyplus import ProdigyPlusScheduleFree
+        except ImportError as err:
+            raise MissingPeer("prodigy-plus-schedule-free is not installed "
+                              "(pip install --no-deps prodigy-plus-schedule-free)") from err
+        # Its lr is a multiplier on Prodigy's estimate (default 1.0), not a step size.
+        return (lambda model: ProdigyPlusScheduleFree(model.parameters(), lr=1.0 if lr is None else lr)), None
     if name == "seed_legacy":
         from refadamwmini_schedulefree import RefAdamWminiScheduleFree
 

@@ -34,8 +34,14 @@ import torch
 from ..back_pass import fused_backward
 from .workloads.base import Task
 
-WORKLOADS = ("shakespeare", "fashion_mnist", "friedman")
+WORKLOADS = ("lora_finetune", "shakespeare", "shakespeare_long", "digits_resnet", "flow_matching", "friedman", "fashion_mnist")
 """Module names under ``refadamw.bench.workloads``; each has ``make(seed, quick) -> Task``."""
+MAIN_WORKLOADS = WORKLOADS[:-1]
+"""The full main job's default: every workload whose data a ``pip install`` brings (Fashion-MNIST needs apt)."""
+QUICK_WORKLOADS = ("lora_finetune",)
+"""``--quick``'s default: the LoRA fine-tune, the setting kohya and OneTrainer users are in."""
+SUITE_WORKLOADS = ("shakespeare", "digits_resnet", "friedman")
+"""The feature suites' default: a transformer, a conv net and an MLP."""
 EMA_BETA = 0.9
 """Smoothing of the reported training loss; bias-corrected, so early points are not pulled to 0."""
 

@@ -67,13 +67,21 @@ def load() -> tuple[torch.Tensor, torch.Tensor, str]:
     train = "".join(texts[name] for name in train_names)
     val = "".join(texts[name] for name in val_names)
     vocab = "".join(sorted(set(train) | set(val)))
+    encode = encoder(vocab)
+    return encode(train), encode(val), vocab
+
+
+def encoder(vocab: str):
+    """``text -> uint8 ids`` for a vocabulary of at most 256 characters, each id its index in ``vocab``."""
+    if len(vocab) > 256:
+        raise ValueError(f"a vocabulary of {len(vocab)} characters does not fit uint8 ids")
     table = str.maketrans({c: chr(i) for i, c in enumerate(vocab)})
 
     def encode(text: str) -> torch.Tensor:
         # str.translate + latin-1 turns the text into id bytes at C speed (a Python loop takes ~1 s).
         return torch.frombuffer(bytearray(text.translate(table).encode("latin-1")), dtype=torch.uint8)
 
-    return encode(train), encode(val), vocab
+    return encode
 
 
 class Block(nn.Module):
@@ -136,12 +144,15 @@ def lm_loss(model: nn.Module, batch: tuple) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
-def make(seed: int = 0, quick: bool = False) -> Task:
-    """Tiny GPT on Shakespeare; ``quick`` shrinks the model, context, batch and step count."""
+def make(seed: int = 0, quick: bool = False, *, length: int = 1, name: str = "shakespeare") -> Task:
+    """Tiny GPT on Shakespeare; ``quick`` shrinks the model, context, batch and step count.
+
+    ``length`` multiplies the number of steps (the ``shakespeare_long`` workload runs 5×)."""
     if quick:
         dim, n_heads, layers, context, batch, steps, n_val = 64, 4, 2, 32, 16, 160, 256
     else:
         dim, n_heads, layers, context, batch, steps, n_val = 64, 4, 2, 64, 16, 1200, 512
+    steps *= length
     train_ids, val_ids, vocab = load()
     model = seeded_model(seed, lambda: TinyGPT(len(vocab), context, dim, n_heads, layers))
     val_starts = torch.linspace(0, len(val_ids) - context - 1, n_val).long()
@@ -159,7 +170,7 @@ def make(seed: int = 0, quick: bool = False) -> Task:
     counts = torch.bincount(train_ids.long(), minlength=len(vocab)).double() + 1
     unigram = -(counts / counts.sum()).log()[val_batch[1].reshape(-1)].mean().item()
     return Task(
-        name="shakespeare", model=model, train_batch=train_batch, loss=lm_loss, val_loss=val_loss,
+        name=name, model=model, train_batch=train_batch, loss=lm_loss, val_loss=val_loss,
         steps=steps, eval_every=steps // 5, baseline=unigram,
         info={"dim": dim, "n_heads": n_heads, "layers": layers, "context": context, "batch": batch,
               "vocab": len(vocab), "train_chars": len(train_ids), "val_chars": len(val_ids)},
