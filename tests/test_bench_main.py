@@ -35,7 +35,8 @@ def test_quick_main_job_writes_results_curves_readme_and_benchmarks(small_timing
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["optimizers"] == names.split(",")
     assert all(RUN_KEYS <= run.keys() for run in data["runs"])
-    assert {r["optimizer"] for r in data["runs"]} == set(names.split(","))
+    # refadamw_lr_free: the lr-sensitivity runs of our lr-free default (its factor on the estimate)
+    assert {r["optimizer"] for r in data["runs"]} == set(names.split(",")) | {"refadamw_lr_free"}
     assert STEP_KEYS <= data["step_time"].keys()
     assert data["step_time"]["bytes_moved_per_param"] == main.ours_bytes_moved_per_param()
     assert data["step_time_per_optimizer"]["adamw_fused"]["ratio_vs_adamw_fused"] == 1.0
@@ -47,6 +48,10 @@ def test_quick_main_job_writes_results_curves_readme_and_benchmarks(small_timing
     # lr × {1/3, 1, 3} for ours, AdamW+cosine and schedulefree; spikes for the same three.
     assert {r["optimizer"] for r in data["lr_sensitivity"]} == {"refadamw", "adamw_cosine", "schedulefree"}
     assert all(len(r["losses"]) == 3 for r in data["lr_sensitivity"])
+    ours_sensitivity = [r for r in data["lr_sensitivity"] if r["optimizer"] == "refadamw"][0]
+    assert ours_sensitivity["lr"] is None and sorted(map(float, ours_sensitivity["losses"])) == [
+        pytest.approx(1 / 3), 1.0, 3.0], "lr-free: the factors go on the estimate"
+    assert ours_sensitivity["losses"]["1"] == ours["final_val_loss"][0]
     assert {r["optimizer"] for r in data["spike"]} == {"refadamw", "adamw_cosine", "schedulefree"}
     assert [(r["optimizer"], r["clip"]) for r in data["spike"]] == list(main.SPIKED)
     assert all(len(r["clean"]) == len(r["spiked"]) == 1 for r in data["spike"])
@@ -92,6 +97,7 @@ def test_missing_peer_is_skipped_with_a_note(monkeypatch, small_timing, tmp_path
 
 
 def test_full_mode_tunes_peers_on_their_grid_and_keeps_ours_at_its_default():
+    assert main.default_lr() is None, "ours is reported at its defaults: lr-free"
     bench = main.MainBench(False, (0, 1), ("friedman",), ("refadamw",))
     assert bench.grid("adamw_cosine") == main.GRIDS["adamw_cosine"]
     assert main.default_lr() in bench.grid("refadamw")

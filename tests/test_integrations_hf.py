@@ -133,8 +133,8 @@ def test_trainer_optimizers_returns_a_constant_schedule():
 
 
 def test_a_missing_lr_is_warned_about_where_the_trainer_would_drop_learning_rate(caplog):
-    """The Trainer never passes TrainingArguments.learning_rate to these optimizers, so a fine-tuner
-    who set it only there would train at the from-scratch default without knowing."""
+    """The Trainer never passes TrainingArguments.learning_rate to these optimizers, so a user who set
+    it only there would train at the lr-free default without knowing."""
     model = tiny_gpt2()
     with caplog.at_level(logging.WARNING, logger="refadamw"):
         trainer_optimizers(model, lr=1e-5)
@@ -144,8 +144,8 @@ def test_a_missing_lr_is_warned_about_where_the_trainer_would_drop_learning_rate
         opt, _ = trainer_optimizers(model)
         optimizer_cls_and_kwargs(AdamWMiniSF)
     warned = [r.getMessage() for r in caplog.records if "no lr given" in r.getMessage()]
-    assert len(warned) == 2 and all("lr=0.003" in m and "learning_rate" in m for m in warned)
-    assert opt.param_groups[0]["lr"] == 3e-3
+    assert len(warned) == 2 and all("lr-free" in m and "learning_rate" in m for m in warned)
+    assert opt.param_groups[0]["lr_free"] is True
 
 
 def test_bad_arguments_are_rejected():

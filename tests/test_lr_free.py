@@ -61,11 +61,12 @@ def test_estimate_matches_a_float64_reference():
     assert d > 100 * lr_free.D0  # the estimate moved: the comparison above is not of constants
     for i, p in enumerate(params):
         torch.testing.assert_close(opt.state[p]["lr_free_sum"].double(), s[i], rtol=1e-2, atol=1e-2 * float(s[i].abs().max()))
-    # the step size in force is lr_free_scale·d, shown in param_groups
-    assert float(opt.param_groups[0]["lr"]) == pytest.approx(got, rel=1e-6)
+    # the step size in force is lr_free_scale·STEP_FRACTION·d, shown in param_groups
+    assert lr_free.STEP_FRACTION == 0.5
+    assert float(opt.param_groups[0]["lr"]) == pytest.approx(0.5 * got, rel=1e-6)
 
 
-def test_first_step_is_scale_times_d0_times_warmup():
+def test_first_step_is_half_of_scale_times_d0_times_warmup():
     for scale in (1.0, 3.0):
         model = _model()
         x, y = _data()
@@ -73,7 +74,7 @@ def test_first_step_is_scale_times_d0_times_warmup():
         opt = AdamWMiniSF(model.parameters(), lr=None, lr_free_scale=scale, warmup_steps=0, state_dtype="fp32")
         _loss(model, x, y).backward()
         opt.step()
-        assert float(opt.stats()["lr"]) == pytest.approx(scale * lr_free.D0, rel=1e-6)
+        assert float(opt.stats()["lr"]) == pytest.approx(0.5 * scale * lr_free.D0, rel=1e-6)
         moved = max(float((p.detach() - b).abs().max()) for p, b in zip(model.parameters(), before))
         assert moved < 10 * scale * lr_free.D0
 
@@ -141,7 +142,8 @@ def test_fused_backward_pass_is_bit_exact(cls):
         for p in model.parameters():
             torch.nn.init.normal_(p, std=0.1)
         kw = {"total_steps": 20, "ref_alpha": 0.0} if cls is RefAdamWMiniSF else {}  # λ would apply a step later
-        opt = cls(model.parameters(), lr=None, warmup_steps=3, fused_back_pass=fused, **kw)
+        # lr_free_scale=2 undoes STEP_FRACTION, so that d grows far from D0 within the 12 steps
+        opt = cls(model.parameters(), lr=None, lr_free_scale=2.0, warmup_steps=3, fused_back_pass=fused, **kw)
         if fused:
             fused_backward(model, opt)
         for _ in range(12):

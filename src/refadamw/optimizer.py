@@ -40,18 +40,17 @@ class AdamWMiniSF(torch.optim.Optimizer):
     ``eval()`` before evaluating or saving weights and ``train()`` before
     training again. A new optimizer starts in train mode.
 
-    The defaults (``lr=3e-3``, ``betas=(0.9, 0.999)``, ``warmup_steps=20``,
-    ``weight_decay=0``, ``auto_lr=False``, bf16 state) come from
-    ``refadamw bench`` on its three workloads (docs/defaults.md, BENCHMARKS.md).
+    The defaults (``lr=None``: the lr-free step size; ``betas=(0.9, 0.999)``,
+    ``warmup_steps=20``, ``weight_decay=0``, ``auto_lr=False``, bf16 state) come
+    from ``refadamw bench`` (docs/lr_free.md, docs/defaults.md, BENCHMARKS.md).
 
     Args:
         params: tensors, param-group dicts, or ``(name, tensor)`` pairs.
-        lr: peak learning rate (after warmup), exactly as given. The default 3e-3 was chosen on
-            models trained from scratch; pass a much smaller one to fine-tune a pretrained model
-            (docs/defaults.md, "Fine-tuning"). ``None``: the lr-free step size (below).
-        lr_free: estimate the step size per param group (:mod:`refadamw.lr_free`, docs/lr_free.md;
-            experimental, not yet the default). ``None`` (default): on exactly when ``lr`` is None;
-            ``True`` with a number ``lr`` ignores that number, with a warning.
+        lr: ``None`` (default): the lr-free step size, estimated per param group (below). A number:
+            the peak learning rate (after warmup), exactly as given; nothing is estimated.
+        lr_free: estimate the step size per param group (:mod:`refadamw.lr_free`, docs/lr_free.md).
+            ``None`` (default): on exactly when ``lr`` is None; ``True`` with a number ``lr``
+            ignores that number, with a warning (for trainers that always pass one).
         lr_free_scale: factor on the lr-free estimate (lr-free groups only).
         betas: ``(β1, β2)``; β1 is the Schedule-Free interpolation (or the
             momentum with ``schedule_free=False``), β2 the second-moment EMA.
@@ -91,7 +90,7 @@ class AdamWMiniSF(torch.optim.Optimizer):
             :func:`refadamw.fused_backward`).
     """
 
-    def __init__(self, params: Iterable[Any], lr: float | None = 3e-3, betas: tuple[float, float] = (0.9, 0.999),
+    def __init__(self, params: Iterable[Any], lr: float | None = None, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, warmup_steps: int = 20, auto_lr: bool = False,
                  min_lr: float | None = None, max_lr: float | None = None, norm_ema_alpha: float = 0.05,
                  mini: bool = True, schedule_free: bool = True, state_dtype: str | torch.dtype = AUTO,

@@ -19,6 +19,7 @@ import torch
 
 from .. import AdamWMiniSF
 from .measure import state_bytes_per_param, step_times
+from .text import lr_text
 from .workloads import digits
 
 LR_GRID = (3e-3, 1e-2, 2e-2, 3e-2)
@@ -87,12 +88,12 @@ def run(steps: int = 300, seeds: tuple[int, ...] = SEEDS, out: str | None = None
             results.append((statistics.mean(losses), lr, losses, runs))
         mean_loss, lr, losses, runs = min(results, key=lambda item: item[0])
         quality.append({
-            "optimizer": name, "lr": lr if lr is not None else runs[0]["optimizer"].defaults["lr"],
+            "optimizer": name, "lr": lr if lr is not None else runs[0]["optimizer"].defaults["lr"],  # None: lr-free
             "val_loss": mean_loss, "val_loss_per_seed": losses,
             "accuracy": statistics.mean(r["accuracy"] for r in runs),
             "state_bytes_per_param": state_bytes_per_param(runs[0]["optimizer"]),
         })
-        print(f"  {name:22s} lr={quality[-1]['lr']:<8.3g} val_loss={mean_loss:.4f} "
+        print(f"  {name:22s} lr={lr_text(quality[-1]['lr']):<8s} val_loss={mean_loss:.4f} "
               f"{[round(x, 4) for x in losses]} acc={quality[-1]['accuracy']:.3f} "
               f"state={quality[-1]['state_bytes_per_param']:.2f} B/param")
 
@@ -129,7 +130,7 @@ def markdown(result: dict) -> str:
              "|---|---|---|---|---|---|"]
     for q in result["quality"]:
         per_seed = ", ".join(f"{x:.4f}" for x in q["val_loss_per_seed"])
-        lines.append(f"| {q['optimizer']} | {q['lr']:g} | {q['val_loss']:.4f} | {per_seed} | {q['accuracy']:.3f} "
+        lines.append(f"| {q['optimizer']} | {lr_text(q['lr'])} | {q['val_loss']:.4f} | {per_seed} | {q['accuracy']:.3f} "
                      f"| {q['state_bytes_per_param']:.2f} |")
     lines += ["", "`step()` on 4×Linear(512, 512), median of interleaved rounds, same run:", "",
               "| optimizer | × AdamW fused | × AdamW foreach | state bytes/param |", "|---|---|---|---|"]

@@ -31,6 +31,7 @@ from .clipping import make_clip
 from .measure import copy_bandwidth_gbs, linear_stack, state_bytes_per_param, step_times
 from .optimizers import NAMES, MissingPeer, build, training
 from .progress import Progress
+from .text import lr_text
 from .workloads.base import MissingData
 
 OURS = "refadamw"
@@ -46,9 +47,12 @@ GRIDS: dict[str, tuple[float, ...]] = {
     "seed_legacy": (3e-4, 1e-3, 3e-3),
 }
 """Learning-rate grids, four points spaced ×3 for every tuned peer; ``--quick`` runs only one value
-(``len // 2``; ours: its default). ``prodigy_sf`` runs at its defaults (``lr=1.0``, its multiplier on the
+(``len // 2``). Ours is reported at its defaults (lr-free: ``lr`` None); its grid of fixed lrs is run
+besides, to show what a tuned fixed lr would give. ``prodigy_sf`` runs at its defaults (``lr=1.0``, its multiplier on the
 estimate), as its users run it; the seed's front door, at its original defaults' neighbourhood."""
 SENSITIVITY = (OURS, "adamw_cosine", "schedulefree")
+LR_FREE_SCALED = "refadamw_lr_free"
+"""Ours lr-free with its "lr" read as ``lr_free_scale``: the sensitivity rows of an lr-free default."""
 SPIKED: tuple[tuple[str, str | None], ...] = (
     (OURS, None), (OURS, "norm1"), ("adamw_cosine", None), ("adamw_cosine", "norm1"), ("adamw_cosine", "zclip"),
     ("schedulefree", None), ("schedulefree", "norm1"))
@@ -59,8 +63,8 @@ STEP_LAYERS, STEP_WIDTH = 10, 1024
 """The step-time model: 10 × Linear(1024, 1024), 10.5M parameters."""
 
 
-def default_lr() -> float:
-    """Our optimizer's default lr (RefAdamWMiniSF takes it from AdamWMiniSF)."""
+def default_lr() -> float | None:
+    """Our optimizer's default lr (RefAdamWMiniSF takes it from AdamWMiniSF); None: lr-free."""
     return inspect.signature(AdamWMiniSF.__init__).parameters["lr"].default
 
 
@@ -102,7 +106,8 @@ class MainBench:
 
     def grid(self, name: str) -> tuple[float, ...]:
         if name == OURS:
-            return (default_lr(),) if self.quick else tuple(sorted(set(GRIDS[OURS]) | {default_lr()}))
+            fixed = sorted(set(GRIDS[OURS]) - {default_lr()})
+            return (default_lr(),) if self.quick else (default_lr(), *fixed)
         grid = GRIDS[name]
         return (grid[len(grid) // 2],) if self.quick else grid
 
@@ -113,7 +118,7 @@ class MainBench:
         task = runner.make_task(workload, seed, self.quick)
         make, schedule = build(name, lr, task.steps, info=task.info)
         built = []
-        label = f"{workload} {name} lr={lr:g} seed={seed}{' spiked' if spike else ''}{f' clip={clip}' if clip else ''}"
+        label = f"{workload} {name} lr={lr_text(lr)} seed={seed}{' spiked' if spike else ''}{f' clip={clip}' if clip else ''}"
         self.progress.start(label, task.steps)
         result = runner.train(task, lambda model: built.append(make(model)) or built[-1], schedule=schedule,
                               spike=(task.steps // 2, SPIKE_STEPS, SPIKE_FACTOR) if spike else None,
@@ -223,14 +228,17 @@ def run(quick: bool, seeds: tuple[int, ...], workloads: tuple[str, ...], optimiz
             losses = bench.losses(workload, name, lr)
             summary.append({"workload": workload, "optimizer": name, "lr": lr, "grid": list(bench.grid(name)),
                             "final_val_loss": losses, "mean": _mean(losses), "spread": _spread(losses)})
-            curves[workload][f"{name} lr={lr:g}"] = bench.run(workload, name, lr, seeds[0]).curve
+            curves[workload][f"{name} lr={lr_text(lr)}"] = bench.run(workload, name, lr, seeds[0]).curve
         for name in SENSITIVITY:
             if name in names:
                 best = bench.best_lr[workload][name]
-                row = {"workload": workload, "optimizer": name, "lr": best,
-                       "losses": {str(f): bench.run(workload, name, best * f, seeds[0]).final_val_loss
-                                  for f in (1 / 3, 1, 3)}}
-                sensitivity.append(row)
+                if best is None:  # lr-free: the factor goes on the estimate (lr_free_scale)
+                    losses = {str(f): bench.run(workload, *((name, None) if f == 1 else (LR_FREE_SCALED, f)),
+                                                seeds[0]).final_val_loss for f in (1 / 3, 1, 3)}
+                else:
+                    losses = {str(best * f): bench.run(workload, name, best * f, seeds[0]).final_val_loss
+                              for f in (1 / 3, 1, 3)}
+                sensitivity.append({"workload": workload, "optimizer": name, "lr": best, "losses": losses})
         for name, clip in SPIKED:
             if name in names:  # at the lr tuned without clipping, as a user adding a trainer's default would
                 lr = bench.best_lr[workload][name]
@@ -246,7 +254,8 @@ def run(quick: bool, seeds: tuple[int, ...], workloads: tuple[str, ...], optimiz
     per = step_time["per_optimizer"]
     runs = [{"workload": r.workload, "optimizer": r.optimizer, "lr": r.lr, "seed": r.seed,
              "final_val_loss": r.final_val_loss, "state_bytes_per_param": r.state_bytes_per_param,
-             "step_time_ratio_vs_adamw_fused": per[r.optimizer]["ratio_vs_adamw_fused"],
+             "step_time_ratio_vs_adamw_fused": per[OURS if r.optimizer == LR_FREE_SCALED else r.optimizer][
+                 "ratio_vs_adamw_fused"],
              "spike": r.spike, "clip": r.clip, "metrics": r.metrics, "curve": r.curve} for r in bench.runs.values()]
     return {"suite": "main", "quick": quick, "seeds": list(seeds), "workloads": list(workloads),
             "optimizers": list(names), "skipped": bench.skipped, "skipped_workloads": missing, "grids": {n: list(bench.grid(n)) for n in names},

@@ -67,6 +67,12 @@ def build(name: str, lr: float | None, steps: int, info: dict | None = None,
             return opt
 
         return make, None
+    if name == "refadamw_lr_free":
+        # Not in NAMES (at scale 1 it is ours at its defaults): the lr-sensitivity rows of the lr-free mode,
+        # where the bench's "lr" is lr_free_scale, the factor on the estimate.
+        scale = 1.0 if lr is None else lr
+        return (lambda model: RefAdamWMiniSF(model.parameters(), total_steps=steps, lr=None, lr_free_scale=scale,
+                                             **options)), None
     if name == "adamw_mini_sf":
         return (lambda model: AdamWMiniSF(model.parameters(), **lr_kw, **options)), None
     if name in ("adamw_cosine", "adamw_constant"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from .main import BASELINE, OURS
+from .text import lr_text
 
 
 def _cell(v) -> str:
@@ -21,6 +22,10 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def _lr(lr: float | None) -> str | float:
+    return lr_text(lr) if lr is None else lr
+
+
 def _loss(row: dict) -> str:
     mean, spread = row["mean"], row["spread"]
     return _cell(mean) if not spread else f"{_cell(mean)} ± {spread:.2g}"
@@ -29,14 +34,14 @@ def _loss(row: dict) -> str:
 def _setup(data: dict) -> str:
     n = len(data["seeds"])
     size = "quick (small models, short runs)" if data["quick"] else "full size"
-    tuned = ("one lr per optimizer (the middle of its grid; ours at its default)" if data["quick"]
-             else "each peer at the best lr of its grid on seed 0, ours at its default lr")
+    tuned = ("one lr per optimizer (the middle of its grid; ours at its defaults)" if data["quick"]
+             else "each peer at the best lr of its grid on seed 0, ours at its defaults")
     return f"Workloads at {size}; {n} seed(s), mean ± std; {tuned}. Seconds: {data['seconds']:.0f}."
 
 
 def quality_table(data: dict) -> str:
     per = data["step_time_per_optimizer"]
-    rows = [[r["workload"], r["optimizer"] + (" (defaults)" if r["optimizer"] == OURS else ""), r["lr"],
+    rows = [[r["workload"], r["optimizer"] + (" (defaults)" if r["optimizer"] == OURS else ""), _lr(r["lr"]),
              _loss(r), r["ratio_vs_adamw_cosine"], _state_bytes(data, r), per[r["optimizer"]]["ratio_vs_adamw_fused"]]
             for r in data["summary"]]
     return table(["workload", "optimizer", "lr", "final val loss", f"× {BASELINE}", "state B/param",
@@ -81,8 +86,9 @@ def sensitivity_table(data: dict) -> str:
         losses = [r["losses"][k] for k in sorted(r["losses"], key=float)]
         finite = [v for v in losses if math.isfinite(v)]
         worst = max(finite) / min(finite) if len(finite) == len(losses) else float("nan")
-        rows.append([r["workload"], r["optimizer"], r["lr"], *losses, worst])
-    return table(["workload", "optimizer", "lr (centre)", "lr ÷ 3", "lr", "lr × 3", "worst ÷ best"], rows)
+        rows.append([r["workload"], r["optimizer"], _lr(r["lr"]), *losses, worst])
+    return table(["workload", "optimizer", "lr (centre)", "lr ÷ 3", "lr", "lr × 3", "worst ÷ best"], rows) + (
+        "\n\nFor an lr-free row, the factors ÷ 3 and × 3 go on the estimate (`lr_free_scale`).")
 
 
 CLIP_LABELS = {None: "none", "norm1": "norm 1.0", "zclip": "z-score (ZClip)"}
@@ -90,7 +96,7 @@ CLIP_LABELS = {None: "none", "norm1": "norm 1.0", "zclip": "z-score (ZClip)"}
 
 def spike_table(data: dict) -> str:
     """Clean and spiked final loss per optimizer and clipping (results from before clipping was added: none)."""
-    rows = [[r["workload"], r["optimizer"], CLIP_LABELS.get(r.get("clip"), r.get("clip")), r["lr"],
+    rows = [[r["workload"], r["optimizer"], CLIP_LABELS.get(r.get("clip"), r.get("clip")), _lr(r["lr"]),
              sum(r["clean"]) / len(r["clean"]), sum(r["spiked"]) / len(r["spiked"]), r["ratio"]]
             for r in data["spike"]]
     return table(["workload", "optimizer", "clipping", "lr", "clean", "spiked", "spiked ÷ clean"], rows)
@@ -110,7 +116,7 @@ def targets(data: dict) -> str:
 def markdown(data: dict) -> str:
     skipped = "".join(f"\n\nSkipped {n}: {why}." for n, why in data["skipped"].items())
     skipped += "".join(f"\n\nSkipped workload {w}: {why}" for w, why in data.get("skipped_workloads", {}).items())
-    grids = "; ".join(f"{n} {', '.join(f'{lr:g}' for lr in g)}" for n, g in data["grids"].items())
+    grids = "; ".join(f"{n} {', '.join(lr_text(lr) for lr in g)}" for n, g in data["grids"].items())
     spike = data["spike_setup"]
     return "\n".join([
         "### Results", "", _setup(data) + skipped, "", "Targets:", "", targets(data), "",

@@ -64,11 +64,13 @@ class RunResult:
     """The task's extra validation metrics (e.g. accuracy) at the end, when it has any."""
 
 
-def make_task(name: str, seed: int = 0, quick: bool = False) -> Task:
-    """Build workload ``name`` (one of :data:`WORKLOADS`); RuntimeError with an install hint if its data is absent."""
+def make_task(name: str, seed: int = 0, quick: bool = False, **sizes: int) -> Task:
+    """Build workload ``name`` (one of :data:`WORKLOADS`); RuntimeError with an install hint if its data is absent.
+
+    ``sizes`` (``width_factor``, ``batch_factor``) go to the workloads that take them."""
     if name not in WORKLOADS:
         raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
-    return importlib.import_module(f"{__package__}.workloads.{name}").make(seed, quick)
+    return importlib.import_module(f"{__package__}.workloads.{name}").make(seed, quick, **sizes)
 
 
 def _in_fused_back_pass(optimizer) -> bool:

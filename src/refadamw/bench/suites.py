@@ -10,6 +10,8 @@
   per-element ``v`` for LoRA factors.
 * ``backward`` (:mod:`refadamw.bench.backward`): the fused backward pass: peak memory of a
   training step, LoRA quality and spike recovery against the ordinary ``step()``.
+* ``robustness`` (:mod:`refadamw.bench.robustness`): ours at defaults against a re-tuned AdamW+cosine
+  at 4× the width and 4× the batch.
 * ``step`` (:mod:`refadamw.bench.step`): ``step()`` speed, transient memory,
   bandwidth share and compile time at four real model shapes; the only
   suite that runs on ``--device cuda``.
@@ -33,6 +35,8 @@ from .lora import lora
 from .memory import peak_memory
 from .measure import linear_stack, low_precision_drift, state_bytes_per_param, step_times
 from .optimizers import MissingPeer, build
+from .robustness import WORKLOADS as ROBUSTNESS_WORKLOADS
+from .robustness import robustness
 from .step import figure as step_figure
 from .step import step
 
@@ -316,7 +320,9 @@ def seed(bench: Bench, workloads: tuple[str, ...]) -> tuple[dict, str]:
 
 
 SUITES = {"backward": backward, "precision": precision, "controller": controller, "ladder": ladder, "seed": seed,
-          "lora": lora, "step": step}
+          "lora": lora, "step": step, "robustness": robustness}
+DEFAULT_WORKLOADS = {"robustness": ROBUSTNESS_WORKLOADS}
+"""Suites whose default workloads are not :data:`refadamw.bench.runner.SUITE_WORKLOADS`."""
 FIGURES = {"step": step_figure}
 """Suite → ``figure(data, out_folder)``, writing its PNG (ImportError without matplotlib)."""
 

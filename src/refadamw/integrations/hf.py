@@ -37,7 +37,6 @@ weights ``x`` in the model whenever the Trainer evaluates or saves:
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import logging
 from typing import Any
@@ -209,11 +208,10 @@ def _check_optimizer_args(optimizer_cls: Any, kwargs: dict[str, Any]) -> None:
         raise TypeError(f"optimizer_cls must be AdamWMiniSF or a subclass, got {optimizer_cls!r}")
     if "lr" not in kwargs:
         # The Trainer passes TrainingArguments.learning_rate only to optimizers it builds itself, so a
-        # fine-tuning user who set it there would silently get the from-scratch default.
-        default = inspect.signature(AdamWMiniSF.__init__).parameters["lr"].default
-        logger.warning("refadamw: no lr given, so %s uses its default lr=%g, chosen for training from scratch; "
-                       "the Trainer does not pass TrainingArguments.learning_rate on. To fine-tune a pretrained "
-                       "model pass lr=... here (docs/defaults.md, 'Fine-tuning')", optimizer_cls.__name__, default)
+        # user who set it there would silently get the lr-free default instead.
+        logger.warning("refadamw: no lr given, so %s estimates its own step size (lr=None, the lr-free default); "
+                       "the Trainer does not pass TrainingArguments.learning_rate on, so that setting is unused. "
+                       "Pass lr=... here for a fixed lr (docs/lr_free.md)", optimizer_cls.__name__)
 
 
 def trainer_optimizers(

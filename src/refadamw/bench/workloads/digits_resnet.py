@@ -78,9 +78,12 @@ def classification_loss(net: nn.Module, batch: tuple) -> torch.Tensor:
     return F.cross_entropy(net(x), y)
 
 
-def make(seed: int = 0, quick: bool = False) -> Task:
-    """Residual BN conv net on the digits; ``quick`` halves the width and runs fewer, smaller steps."""
+def make(seed: int = 0, quick: bool = False, *, width_factor: int = 1, batch_factor: int = 1) -> Task:
+    """Residual BN conv net on the digits; ``quick`` halves the width and runs fewer, smaller steps.
+
+    ``width_factor`` and ``batch_factor`` multiply the channel width and the batch size (the robustness suite)."""
     width, batch, steps = (8, 32, 200) if quick else (16, 64, 1000)
+    width, batch = width * width_factor, batch * batch_factor
     x_train, y_train, x_val, y_val = load()
     net = seeded_model(seed, lambda: model(width))
     bn_gen = torch.Generator().manual_seed(12345)

@@ -66,12 +66,15 @@ def mse(net: nn.Module, batch: tuple) -> torch.Tensor:
     return F.mse_loss(net(x), y)
 
 
-def make(seed: int = 0, quick: bool = False) -> Task:
-    """Friedman #1 MLP regression; ``quick`` uses less data, a narrower MLP and fewer steps."""
+def make(seed: int = 0, quick: bool = False, *, width_factor: int = 1, batch_factor: int = 1) -> Task:
+    """Friedman #1 MLP regression; ``quick`` uses less data, a narrower MLP and fewer steps.
+
+    ``width_factor`` and ``batch_factor`` multiply the hidden width and the batch size (the robustness suite)."""
     if quick:
         n_train, n_val, features, width, batch, steps = 2_000, 1_000, 10, 64, 64, 500
     else:
         n_train, n_val, features, width, batch, steps = 10_000, 2_000, 10, 256, 128, 3000
+    width, batch = width * width_factor, batch * batch_factor
     x_train, y_train, x_val, y_val, floor = load(n_train, n_val, features)
     net = seeded_model(seed, lambda: model(features, width))
 
