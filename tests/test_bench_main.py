@@ -61,6 +61,7 @@ def test_quick_main_job_writes_results_curves_readme_and_benchmarks(small_timing
     text = readme.read_text()
     assert "old" not in text and "refadamw (defaults)" in text and text.startswith("intro")
     assert benchmarks.read_text().startswith("# Benchmarks")
+    assert "`refadamw bench --quick --workloads friedman --out" in benchmarks.read_text(), "the command that made it"
     assert "lr sensitivity" in benchmarks.read_text()
     out = capsys.readouterr().out
     assert "Final validation loss" in out and "Spike recovery" in out

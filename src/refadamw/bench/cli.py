@@ -166,8 +166,12 @@ def _main_job(args, seeds, workloads, optimizers) -> int:
         replace_block(args.readme, "bench", report.readme_table(data))
     if args.benchmarks:
         quick = data["quick"]
+        from .runner import MAIN_WORKLOADS, QUICK_WORKLOADS
+
+        default_workloads = QUICK_WORKLOADS if quick else MAIN_WORKLOADS
         flags = ((" --quick" if quick else "") + (f" --seeds {len(seeds)}" if len(seeds) != (1 if quick else 2) else "")
-                 + f" --out {out}")
+                 + (f" --workloads {','.join(data['workloads'])}"
+                    if tuple(data["workloads"]) != default_workloads else "") + f" --out {out}")
         from .demo import blocks
 
         path = Path(args.benchmarks)
