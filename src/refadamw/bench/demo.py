@@ -130,7 +130,8 @@ def markdown(result: dict) -> str:
              "|---|---|---|---|---|---|"]
     for q in result["quality"]:
         per_seed = ", ".join(f"{x:.4f}" for x in q["val_loss_per_seed"])
-        lines.append(f"| {q['optimizer']} | {lr_text(q['lr'])} | {q['val_loss']:.4f} | {per_seed} | {q['accuracy']:.3f} "
+        lines.append(f"| {q['optimizer']} | {lr_text(q['lr'])} "
+                     f"| {q['val_loss']:.4f} | {per_seed} | {q['accuracy']:.3f} "
                      f"| {q['state_bytes_per_param']:.2f} |")
     lines += ["", "`step()` on 4×Linear(512, 512), median of interleaved rounds, same run:", "",
               "| optimizer | × AdamW fused | × AdamW foreach | state bytes/param |", "|---|---|---|---|"]

@@ -48,8 +48,8 @@ GRIDS: dict[str, tuple[float, ...]] = {
 }
 """Learning-rate grids, four points spaced ×3 for every tuned peer; ``--quick`` runs only one value
 (``len // 2``). Ours is reported at its defaults (lr-free: ``lr`` None); its grid of fixed lrs is run
-besides, to show what a tuned fixed lr would give. ``prodigy_sf`` runs at its defaults (``lr=1.0``, its multiplier on the
-estimate), as its users run it; the seed's front door, at its original defaults' neighbourhood."""
+besides, to show what a tuned fixed lr would give. ``prodigy_sf`` runs at its defaults (``lr=1.0``,
+its multiplier on the estimate), as its users run it; the seed's front door around its original lr."""
 SENSITIVITY = (OURS, "adamw_cosine", "schedulefree")
 LR_FREE_SCALED = "refadamw_lr_free"
 """Ours lr-free with its "lr" read as ``lr_free_scale``: the sensitivity rows of an lr-free default."""
@@ -118,7 +118,8 @@ class MainBench:
         task = runner.make_task(workload, seed, self.quick)
         make, schedule = build(name, lr, task.steps, info=task.info)
         built = []
-        label = f"{workload} {name} lr={lr_text(lr)} seed={seed}{' spiked' if spike else ''}{f' clip={clip}' if clip else ''}"
+        label = (f"{workload} {name} lr={lr_text(lr)} seed={seed}{' spiked' if spike else ''}"
+                 f"{f' clip={clip}' if clip else ''}")
         self.progress.start(label, task.steps)
         result = runner.train(task, lambda model: built.append(make(model)) or built[-1], schedule=schedule,
                               spike=(task.steps // 2, SPIKE_STEPS, SPIKE_FACTOR) if spike else None,

@@ -56,7 +56,8 @@ def robustness(bench, workloads: tuple[str, ...]) -> tuple[dict, str]:
     lines = ["### Robustness: 4× the width or the batch, against a re-tuned AdamW+cosine", "",
              f"Final validation loss, mean over seeds {list(bench.seeds)}; AdamW+cosine re-tuned over {list(GRID)} "
              "at every size (seed 0), the others at their defaults. Ratio: ÷ the re-tuned AdamW+cosine.", "",
-             "| workload | size | AdamW+cosine (lr) | ours, defaults (lr-free) | ours, lr=3e-3 | prodigy_sf |", "|---|---|---|---|---|---|"]
+             "| workload | size | AdamW+cosine (lr) | ours, defaults (lr-free) | ours, lr=3e-3 | prodigy_sf |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         cells = [f"{r[n]:.4g} ({r[f'{n}_ratio']:.3f})" for n in UNTUNED]
         lines.append(f"| {r['workload']} | {r['size']} | {r['adamw_cosine']:.4g} ({r['adamw_cosine_lr']:g}) | "

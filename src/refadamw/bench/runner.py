@@ -34,7 +34,8 @@ import torch
 from ..back_pass import fused_backward
 from .workloads.base import Task
 
-WORKLOADS = ("lora_finetune", "shakespeare", "shakespeare_long", "digits_resnet", "flow_matching", "friedman", "fashion_mnist")
+WORKLOADS = ("lora_finetune", "shakespeare", "shakespeare_long", "digits_resnet", "flow_matching", "friedman",
+             "fashion_mnist")
 """Module names under ``refadamw.bench.workloads``; each has ``make(seed, quick) -> Task``."""
 MAIN_WORKLOADS = WORKLOADS[:-1]
 """The full main job's default: every workload whose data a ``pip install`` brings (Fashion-MNIST needs apt)."""
