@@ -28,12 +28,18 @@ def _loss(model, x, y):
     return ((model(x) - y) ** 2).mean()
 
 
-def test_estimate_matches_a_float64_reference():
+PATHS = {"cpu kernel": {}, "tensor ops": {"fused": False}, "per tensor": {"foreach": False}}
+"""The three ways a step computes the lr-free terms: in the CPU kernel's pass (the default on CPU), with
+multi-tensor ops, and tensor by tensor."""
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_estimate_matches_a_float64_reference(path):
     """d, r and s follow the module docstring's equations, recomputed in float64 from y, δ and g seen at each
     step (taken just before it), with z = y + δ and x0 the initial values, every STRIDE-th element."""
     model = _model()
     x, y = _data()
-    opt = AdamWMiniSF(model.parameters(), lr=None, warmup_steps=5, state_dtype="fp32")
+    opt = AdamWMiniSF(model.parameters(), lr=None, warmup_steps=5, state_dtype="fp32", **PATHS[path])
     params = list(model.parameters())
     beta3 = math.sqrt(0.999)
     x0 = [p.detach().reshape(-1)[::lr_free.STRIDE].double().clone() for p in params]
@@ -64,6 +70,50 @@ def test_estimate_matches_a_float64_reference():
     # the step size in force is lr_free_scale·STEP_FRACTION·d, shown in param_groups
     assert lr_free.STEP_FRACTION == 0.5
     assert float(opt.param_groups[0]["lr"]) == pytest.approx(0.5 * got, rel=1e-6)
+
+
+@pytest.mark.parametrize("cls", [AdamWMiniSF, RefAdamWMiniSF])
+@pytest.mark.parametrize("state_dtype", ["fp32", "bf16"])
+def test_the_cpu_kernel_adds_the_terms_the_tensor_ops_add(cls, state_dtype, monkeypatch):
+    """The CPU kernel's pass (one call for the group, or after the controller's norms) against the multi-tensor
+    ops: the same d, r and s to fp32 summation order, over blocked tensors of several work items, per-element
+    ones, and a step a NaN gradient skips (s must stay as it was)."""
+
+    def run(fused: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(300, 400), torch.nn.Tanh(), torch.nn.Linear(400, 3))
+        groups = [{"params": [model[0].weight, model[2].weight]},
+                  {"params": [model[0].bias, model[2].bias], "mini": False}]  # one v per element
+        kw = {"total_steps": 40, "ref_alpha": 0.0} if cls is RefAdamWMiniSF else {}
+        opt = cls(groups, lr=None, lr_free_scale=2.0, warmup_steps=3, state_dtype=state_dtype, fused=fused, **kw)
+        x = torch.randn(64, 300, generator=torch.Generator().manual_seed(1))
+        for step in range(14):
+            opt.zero_grad()
+            _loss(model, x, x[:, :3].sin()).backward()
+            if step == 9:
+                model[0].weight.grad[0, 0] = float("nan")
+                skipped = groups[0]["params"]  # the hygiene gate is per group: the biases' group steps
+                before = [opt.state[p]["lr_free_sum"].clone() for p in skipped]
+            opt.step()
+            if step == 9:
+                for p, old in zip(skipped, before):
+                    assert torch.equal(opt.state[p]["lr_free_sum"], old)
+        return opt, model
+
+    reads = []
+    real_read = lr_free.Observation.read
+    monkeypatch.setattr(lr_free.Observation, "read", lambda self, *a: (reads.append(1), real_read(self, *a)))
+    kernel, model_k = run(True)
+    assert not reads  # every tensor took the kernel: the comparison below is of the two paths
+    ops, model_o = run(False)
+    assert reads
+    for gk, go in zip(kernel.param_groups, ops.param_groups):
+        assert float(gk["stats"]["lr_free_d"]) > 10 * lr_free.D0  # the estimate moved
+        for key in lr_free.STAT_KEYS:
+            torch.testing.assert_close(gk["stats"][key], go["stats"][key], rtol=1e-4, atol=0)
+    for p, q in zip(model_k.parameters(), model_o.parameters()):
+        for key in lr_free.STATE_KEYS:
+            torch.testing.assert_close(kernel.state[p][key], ops.state[q][key], rtol=1e-4, atol=1e-9)
 
 
 def test_first_step_is_half_of_scale_times_d0_times_warmup():

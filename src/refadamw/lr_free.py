@@ -99,30 +99,53 @@ def segment_sums(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 
 class Observation:
-    """One kernel call's tensors of a lr-free group, seen before their update: per tensor
-    ``⟨g_S, x0_S − z_S⟩`` (``dots``), and the sample of ``g``, for :meth:`commit` to update ``s`` once the
-    update's gate is known. ``a`` is the step's weight (:func:`weight`)."""
+    """One kernel call's lr-free terms for a group's tensors (``states``, in the call's order), seen before
+    their update: per tensor ``⟨g_S, x0_S − z_S⟩``, then ``s_i`` updated where the step applies and
+    ``‖s_i‖₁``. The CPU kernel adds the terms of the tensors it updates in the same pass (:meth:`record`);
+    :meth:`read` computes the others' with tensor ops. ``a`` is the step's weight (:func:`weight`)."""
 
-    def __init__(self, params: list[torch.Tensor], grads: list[torch.Tensor], offsets: list[torch.Tensor] | None,
-                 states: list[dict[str, torch.Tensor]], a: torch.Tensor) -> None:
+    def __init__(self, states: list[dict[str, torch.Tensor]], a: torch.Tensor, beta3: float) -> None:
+        self.states, self.a, self.beta3 = states, a, beta3
+        self._parts: list[tuple] = []
+
+    def read(self, positions: list[int], params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """The terms of the tensors at ``positions`` (``params`` and ``grads`` theirs), before their update."""
+        states = [self.states[i] for i in positions]
         sizes = [s["lr_free_anchor"].numel() for s in states]
         g = torch.cat([sampled(t).to(torch.float32) for t in grads])
         z = torch.cat([sampled(p).to(torch.float32) for p in params])
-        if offsets is not None:  # Schedule-Free: z = y + δ; without it, the iterate is y
-            z = z + torch.cat([sampled(o).to(torch.float32) for o in offsets])
+        if "z_minus_y" in states[0]:  # Schedule-Free: z = y + δ; without it, the iterate is y
+            z = z + torch.cat([sampled(s["z_minus_y"]).to(torch.float32) for s in states])
         anchor = torch.cat([s["lr_free_anchor"] for s in states])
-        self.lengths = torch.tensor(sizes).to(g.device, non_blocking=True)
+        lengths = torch.tensor(sizes).to(g.device, non_blocking=True)
         # a non-finite gradient gives a non-finite product; the update's gate then leaves everything as it was
-        self.dots = segment_sums(g * (anchor - z), self.lengths)
-        self.grads, self.sizes, self.states, self.a = g, sizes, states, a
+        dots = segment_sums(g * (anchor - z), lengths)
+        self._parts.append((list(positions), dots, None, (states, g, sizes, lengths)))
 
-    def commit(self, applied: torch.Tensor, beta3: float) -> torch.Tensor:
-        """``s_i ← β3·s_i + a·g_S`` where ``applied``; returns each tensor's ``‖s_i‖₁`` after."""
-        buffers = [s["lr_free_sum"] for s in self.states]
-        old = torch.cat(buffers)
-        new = torch.where(applied.to(old.device), old * beta3 + self.grads * self.a.to(old.device), old)
-        torch._foreach_copy_(buffers, list(new.split(self.sizes)))
-        return segment_sums(new.abs(), self.lengths)
+    def record(self, positions: list[int], dots: torch.Tensor, l1: torch.Tensor) -> None:
+        """Terms the CPU kernel computed for the tensors at ``positions`` (their ``s`` already updated)."""
+        self._parts.append((list(positions), dots, l1, None))
+
+    def commit(self, applied: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``s_i ← β3·s_i + a·g_S`` where ``applied`` for the tensors :meth:`read` saw; returns each tensor's
+        ``⟨g_S, x0_S − z_S⟩`` and ``‖s_i‖₁`` after, in the order of ``states``."""
+        positions, dots, l1 = [], [], []
+        for at, part_dots, part_l1, read in self._parts:
+            if read is not None:
+                states, g, sizes, lengths = read
+                buffers = [s["lr_free_sum"] for s in states]
+                old = torch.cat(buffers)
+                new = torch.where(applied.to(old.device), old * self.beta3 + g * self.a.to(old.device), old)
+                torch._foreach_copy_(buffers, list(new.split(sizes)))
+                part_l1 = segment_sums(new.abs(), lengths)
+            positions += at
+            dots.append(part_dots)
+            l1.append(part_l1.to(part_dots.device))
+        dots, l1 = (torch.cat(dots), torch.cat(l1)) if len(dots) > 1 else (dots[0], l1[0])
+        if positions != list(range(len(positions))):
+            order = torch.tensor(sorted(range(len(positions)), key=positions.__getitem__), device=dots.device)
+            dots, l1 = dots[order], l1[order]
+        return dots, l1
 
 
 def advance(stats: dict[str, torch.Tensor], dots: torch.Tensor, l1: torch.Tensor, applied: torch.Tensor,

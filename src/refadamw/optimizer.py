@@ -290,13 +290,14 @@ class AdamWMiniSF(torch.optim.Optimizer):
             self._round.skip = skip | ~finite  # the rest of this backward too
             standing = self.controller.standing()
             control = kernels.Control(standing.lam, standing.pull, skip)
-        seen = _observe_lr_free(group, plan, grads)
+        seen = _observe_lr_free(group, plan)
         report = kernels.update(plan.params, grads, plan.states, plan.layouts, param_state.hyper(group), fresh=fresh,
                                 norms=norms, control=control, foreach=group["foreach"] is not False,
-                                fused=group["fused"] is not False, index_offsets=plan.offsets, cache=plan.cache)
+                                fused=group["fused"] is not False, index_offsets=plan.offsets, cache=plan.cache,
+                                lr_free=seen)
         self._round.record(group, report.applied, report.lr, report.effective_lr, len(indices))
         if seen is not None:
-            self._round.record_lr_free(group, indices, seen.dots, seen.commit(report.applied, _beta3(group)), seen.a)
+            self._round.record_lr_free(group, indices, *seen.commit(report.applied), seen.a)
 
     step_param = step_parameter
     """kohya sd-scripts' name: its ``--fused_backward_pass`` hooks call ``optimizer.step_param(p, group)``."""
@@ -405,17 +406,15 @@ class AdamWMiniSF(torch.optim.Optimizer):
                 loss = closure_loss.detach().reshape(()) if isinstance(closure_loss, torch.Tensor) else closure_loss
             control = self._decide(work, norms, loss, val_loss, max_steps)
         for i, (group, plan, grads, whole, fresh) in enumerate(work):
-            seen = _observe_lr_free(group, plan, grads)
+            seen = _observe_lr_free(group, plan)
             report = kernels.update(plan.params, grads, plan.states, plan.layouts, param_state.hyper(group),
                                     fresh=fresh, norms=None if norms is None else norms[i], control=control,
                                     foreach=group["foreach"] is not False, fused=group["fused"] is not False,
-                                    index_offsets=plan.offsets, cache=plan.cache)
+                                    index_offsets=plan.offsets, cache=plan.cache, lr_free=seen)
             if seen is not None:
-                l1 = seen.commit(report.applied, _beta3(group))
+                dots, l1 = seen.commit(report.applied)
                 if plan.cache is None:  # sharded: each rank saw its own shards
-                    dots, l1 = (torch.stack(sharding.global_sums(whole, list(v.unbind()))) for v in (seen.dots, l1))
-                else:
-                    dots = seen.dots
+                    dots, l1 = (torch.stack(sharding.global_sums(whole, list(v.unbind()))) for v in (dots, l1))
                 _advance_lr_free(group, dots, l1, report.applied, seen.a)
             stats = group["stats"]
             applied = report.applied.to(stats["steps"])
@@ -588,13 +587,11 @@ class AdamWMiniSF(torch.optim.Optimizer):
             self.controller = controller
 
 
-def _observe_lr_free(group: dict[str, Any], plan: param_state.GroupPlan, grads) -> lr_free.Observation | None:
-    """What the lr-free estimate reads of these tensors before their update (None: the group has a fixed lr)."""
+def _observe_lr_free(group: dict[str, Any], plan: param_state.GroupPlan) -> lr_free.Observation | None:
+    """What collects this call's lr-free terms (None: the group has a fixed lr)."""
     if not group["lr_free"]:
         return None
-    offsets = [s["z_minus_y"] for s in plan.states] if group["schedule_free"] else None
-    return lr_free.Observation(plan.params, grads, [sharding.local(o) for o in offsets] if offsets else None,
-                               plan.states, lr_free.weight(group["stats"], group["warmup_steps"]))
+    return lr_free.Observation(plan.states, lr_free.weight(group["stats"], group["warmup_steps"]), _beta3(group))
 
 
 def _advance_lr_free(group: dict[str, Any], dots, l1, applied, a) -> None:

@@ -86,6 +86,7 @@ from __future__ import annotations
 
 import torch
 
+from ..lr_free import Observation
 from ..partition import BlockLayout
 from .common import Control, Hyper, StepReport, all_finite, stacked
 from .foreach import bucket_norms, bucket_plans, multi_tensor_update
@@ -108,6 +109,7 @@ def update(
     fused: bool = False,
     index_offsets: list[int] | None = None,
     cache: dict | None = None,
+    lr_free: Observation | None = None,
 ) -> StepReport:
     """Apply one step to a param group's tensors that have gradients.
 
@@ -122,12 +124,17 @@ def update(
     draws the noise of the global element index (:mod:`refadamw.precision`).
     ``cache`` is a dict the caller keeps per group while its tensors and their state stay the same
     objects; the multi-tensor path keeps its per-group plan there (see :func:`multi_tensor_update`).
+    ``lr_free`` (a lr-free group): the :class:`refadamw.lr_free.Observation` that gets each tensor's
+    lr-free terms, from the CPU kernel's pass where it runs, else read before the update; the caller
+    commits it with the report's ``applied``.
     """
     fresh = [False] * len(params) if fresh is None else fresh
     offsets = [0] * len(params) if index_offsets is None else index_offsets
     if foreach:
         return multi_tensor_update(params, grads, states, layouts, hyper, fresh, norms, control, fused=fused,
-                                   index_offsets=offsets, cache=cache)
+                                   index_offsets=offsets, cache=cache, lr_free=lr_free)
+    if lr_free is not None:
+        lr_free.read(list(range(len(params))), params, grads)
     return single_tensor_update(params, grads, states, layouts, hyper, fresh, norms, control, index_offsets=offsets)
 
 

@@ -18,6 +18,7 @@ import torch
 
 from ..auto_lr import step_size, update_norm_ema
 from ..averaging import averaging_weight, offset_coefficients, ref_weight, warmup_factor
+from ..lr_free import Observation
 from ..partition import BlockLayout
 from ..precision import Salt, rounding_keys, shift_key
 from . import fused as fused_kernel
@@ -39,6 +40,7 @@ def multi_tensor_update(
     fused: bool = False,
     index_offsets: list[int] | None = None,
     cache: dict | None = None,
+    lr_free: Observation | None = None,
 ) -> StepReport:
     """One step of a group's tensors (the algorithm: :mod:`refadamw.kernels`), a bucket at a time.
 
@@ -51,12 +53,13 @@ def multi_tensor_update(
     (:mod:`refadamw.kernels.fused`). ``index_offsets``: where each (sharded) tensor starts in its whole
     tensor, for the rounding noise. ``cache``: a dict the caller keeps for this group while its tensors
     and their state stay the same; the buckets, the per-tensor scalar vectors and the kernel's plan live
-    there (the states' scalars become views of those vectors)."""
+    there (the states' scalars become views of those vectors). ``lr_free``: gets the lr-free terms, from
+    the CPU kernel's pass for the tensors it takes, read before the update for the others."""
     index_offsets = [0] * len(params) if index_offsets is None else index_offsets
     plans = bucket_plans(params, grads, states, layouts, hyper.schedule_free and fused, cache)
     if (norms is None and control is None and not hyper.auto_lr and len(plans) == 1 and plans[0].native is not None
             and not plans[0].rest_idx and not any(fresh)):
-        report = one_call_step(plans[0], params, grads, states, hyper)
+        report = one_call_step(plans[0], params, grads, states, hyper, lr_free)
         if report is not None:
             return report
     if norms is None:
@@ -77,11 +80,16 @@ def multi_tensor_update(
             ids = [plan.idx[j] for j in plan.native_idx]
             step, tensor_keys, *columns = _select(plan.native_idx, n, [new["step"], plan.vectors["rounding_key"],
                                                                         *plan.columns(hyper, scalars)])
+            terms = None if lr_free is None else native.LrFreeTerms(lr_free.a, bucket_keep, lr_free.beta3)
             if plan.native.update([params[i] for i in ids], [grads[i] for i in ids], [fresh[i] for i in ids], columns,
-                                  step, tensor_keys):
+                                  step, tensor_keys, terms):
                 rest = plan.rest_idx
+                if lr_free is not None:
+                    lr_free.record(ids, *plan.native.lr_free_results())
         if rest:
             ids = [plan.idx[j] for j in rest]
+            if lr_free is not None:
+                lr_free.read(ids, [params[i] for i in ids], [grads[i] for i in ids])
             step, tensor_keys, *values = _select(rest, n, [new["step"], plan.vectors["rounding_key"],
                                                            *scalars.values()])
             rest_params, rest_grads, rest_states, rest_layouts = _pick(ids, params, grads, states, layouts)
@@ -176,10 +184,11 @@ def bucket_plans(params, grads, states, layouts, native_ok: bool, cache: dict | 
                 plan.native_idx = chosen
                 taken = set(chosen)
                 plan.rest_idx = [j for j in range(len(idx)) if j not in taken]
+                lr_free_states = [states[idx[j]] for j in chosen] if "lr_free_anchor" in states[idx[0]] else None
                 plan.native = native.Plan([params[idx[j]] for j in chosen],
                                           [states[idx[j]][buffer] for j in chosen],
                                           [states[idx[j]]["exp_avg_sq"] for j in chosen],
-                                          [layouts[idx[j]] for j in chosen])
+                                          [layouts[idx[j]] for j in chosen], lr_free_states)
         plans.append(plan)
     if cache is not None:
         cache[slot] = plans
@@ -282,7 +291,8 @@ def _step_scalars(plan: BucketPlan, norm, h: Hyper, keep, dtype, ref):
     return new, scalars, lr_t, eta
 
 
-def one_call_step(plan: BucketPlan, params, grads, states, h: Hyper) -> StepReport | None:
+def one_call_step(plan: BucketPlan, params, grads, states, h: Hyper, lr_free: Observation | None = None
+                  ) -> StepReport | None:
     """A group that is one bucket, all of it in the CPU kernel, with coefficients that do not depend on
     the norms (no auto-lr, no controller, no fresh state): block sums, hygiene gate and update in one
     call (:meth:`refadamw.kernels.native.Plan.step`). The scalars are computed as for an applied step
@@ -290,9 +300,12 @@ def one_call_step(plan: BucketPlan, params, grads, states, h: Hyper) -> StepRepo
     device, dtype = plan.device, plan.dtype
     applied = torch.ones((), dtype=torch.bool, device=device)
     new, scalars, lr_t, eta = _step_scalars(plan, None, h, applied, dtype, None)
-    sums = plan.native.step(params, grads, plan.columns(h, scalars), new["step"], plan.vectors["rounding_key"])
+    terms = None if lr_free is None else native.LrFreeTerms(lr_free.a, applied, lr_free.beta3)
+    sums = plan.native.step(params, grads, plan.columns(h, scalars), new["step"], plan.vectors["rounding_key"], terms)
     if sums is None:
         return None
+    if lr_free is not None:
+        lr_free.record(list(range(len(params))), *plan.native.lr_free_results())
     norm = sums.sqrt().to(dtype)
     keep = norm.isfinite().all()  # the kernel's own gate, on the same sums
     old = plan.vectors

@@ -17,6 +17,10 @@
  *     y    <- (y + y_offset*delta) + y_step*d
  *     delta <- offset_decay*delta + offset_step*d
  *
+ *   and, for an lr-free group (lf_stride > 0), on every lf_stride-th element i of each tensor, read
+ *   before the step (lr_free.py): dot += g_i*(x0_k - (y_i + delta_i)), s_k <- s_k*beta3 + g_i*a where
+ *   the step applies, l1 += |s_k|, with k = i/lf_stride; dot and l1 per tensor, summed in double.
+ *
  * Storage may be fp32, bf16 or fp16; the math is fp32 and every write into
  * bf16/fp16 is stochastically rounded with the counter-based hash of
  * precision.py (word i of key k is mix32(i*G + k)), so the result is the
@@ -154,6 +158,14 @@ typedef struct {
     double *item_sum, *tensor_sum;
     int64_t n, n_items;
     const int64_t *item_t, *r0, *r1;
+    /* lr-free groups only (lf_stride = 0 otherwise): each tensor's sampled x0 and s (fp32), the step's
+     * weight a (0-d fp32) and, for refadamw_update, its gate (0-d bool); per item and per tensor sums. */
+    const int64_t *lf_anchor, *lf_sum;
+    const float *lf_a;
+    const uint8_t *lf_gate;
+    float lf_beta3;
+    int64_t lf_stride;
+    double *lf_item_dot, *lf_item_l1, *lf_dot, *lf_l1;
 } group_t;
 
 static int64_t total_numel(const group_t *G) {
@@ -214,41 +226,86 @@ static void step_elements(float *restrict y, const float *restrict g, float *res
     STEP_SEGMENT(denom[j])
 }
 
+/* The lr-free terms of the sampled elements among [at, at + n) of tensor t (g, y, offset: their fp32
+ * values there, before the step), added to the item's sums. */
+static void observe(const group_t *G, int64_t t, int64_t at, int n, const float *g, const float *y,
+                    const float *offset, int gate, double *dot, double *l1) {
+    int64_t stride = G->lf_stride, k = (at + stride - 1) / stride; /* one division per segment: they are slow */
+    const float *x0 = (const float *)G->lf_anchor[t];
+    float *s = (float *)G->lf_sum[t], a = *G->lf_a, beta3 = G->lf_beta3;
+    for (int64_t j = k * stride - at; j < n; j += stride, k++) {
+        float z = y[j] + offset[j];
+        *dot += g[j] * (x0[k] - z);
+        if (gate) s[k] = s[k] * beta3 + g[j] * a;
+        *l1 += fabsf(s[k]);
+    }
+}
+
+static void lr_free_sums(const group_t *G, int computed) {
+    if (!G->lf_stride) return;
+    for (int64_t t = 0; t < G->n; t++) G->lf_dot[t] = G->lf_l1[t] = 0.0;
+    if (!computed) return;
+    for (int64_t i = 0; i < G->n_items; i++) {
+        G->lf_dot[G->item_t[i]] += G->lf_item_dot[i];
+        G->lf_l1[G->item_t[i]] += G->lf_item_l1[i];
+    }
+}
+
 /* precision.rounding_keys for one tensor and buffer: mix32(tensor_key ^ mix32(step*G + salt*A)). */
 static inline uint32_t rounding_key(int32_t tensor_key, int64_t step, uint32_t salt) {
     uint32_t counter = (uint32_t)(int32_t)step * GOLDEN + salt * 0x7FEB352Du;
     return mix32((uint32_t)tensor_key ^ mix32(counter));
 }
 
-static void update_item(const group_t *G, int64_t i) {
-    int64_t t = G->item_t[i], c = G->cols[t];
+/* The per-tensor values update_elements and update_rows start from: coefficients and rounding keys. */
+typedef struct {
     float k[N_COEF];
-    for (int j = 0; j < N_COEF; j++) k[j] = ((const float *)G->coef_cols[j])[t * G->coef_strides[j]];
-    uint32_t key[N_KEY] = {rounding_key(G->tensor_keys[t], G->steps[t], SALT_PARAM),
-                           rounding_key(G->tensor_keys[t], G->steps[t], SALT_Z_MINUS_Y),
-                           rounding_key(G->tensor_keys[t], G->steps[t], SALT_EXP_AVG_SQ)};
+    uint32_t key[N_KEY];
+} tensor_step_t;
+
+static tensor_step_t tensor_step(const group_t *G, int64_t t) {
+    tensor_step_t ts;
+    for (int j = 0; j < N_COEF; j++) ts.k[j] = ((const float *)G->coef_cols[j])[t * G->coef_strides[j]];
+    ts.key[KEY_Y] = rounding_key(G->tensor_keys[t], G->steps[t], SALT_PARAM);
+    ts.key[KEY_OFFSET] = rounding_key(G->tensor_keys[t], G->steps[t], SALT_Z_MINUS_Y);
+    ts.key[KEY_V] = rounding_key(G->tensor_keys[t], G->steps[t], SALT_EXP_AVG_SQ);
+    return ts;
+}
+
+/* Work item i of a tensor with one v per element. */
+static void update_elements(const group_t *G, int64_t i, const tensor_step_t *ts, int gate, double *dot,
+                            double *l1) {
+    int64_t t = G->item_t[i];
+    const float *k = ts->k;
     void *yp = (void *)G->y[t], *op = (void *)G->offset[t], *vp = (void *)G->v[t], *gp = (void *)G->g[t];
     int y_dt = G->y_dt[t], g_dt = G->g_dt[t], o_dt = G->offset_dt[t], v_dt = G->v_dt[t], fresh = G->fresh[t];
     float yb[SEG], gb[SEG], ob[SEG], vb[SEG];
-    if (G->per_element[t]) {
-        for (int64_t at = G->r0[i]; at < G->r1[i]; at += SEG) {
-            int n = (int)(G->r1[i] - at < SEG ? G->r1[i] - at : SEG);
-            load(gp, g_dt, at, n, gb);
-            if (fresh) {
-                for (int j = 0; j < n; j++) vb[j] = finite_square(gb[j] * gb[j]) * k[V_WEIGHT];
-            } else {
-                load(vp, v_dt, at, n, vb);
-                for (int j = 0; j < n; j++) vb[j] = lerp(vb[j], finite_square(gb[j] * gb[j]), k[V_WEIGHT]);
-            }
-            store(vp, v_dt, at, n, vb, key[KEY_V]);
-            for (int j = 0; j < n; j++) vb[j] = sqrtf(vb[j]) / k[SQRT_BIAS2] + k[EPS];
-            float *yw = work(yp, y_dt, at, n, yb), *ow = work(op, o_dt, at, n, ob);
-            step_elements(yw, gb, ow, vb, n, k);
-            put(yp, y_dt, at, n, yw, key[KEY_Y]);
-            put(op, o_dt, at, n, ow, key[KEY_OFFSET]);
+    for (int64_t at = G->r0[i]; at < G->r1[i]; at += SEG) {
+        int n = (int)(G->r1[i] - at < SEG ? G->r1[i] - at : SEG);
+        load(gp, g_dt, at, n, gb);
+        if (fresh) {
+            for (int j = 0; j < n; j++) vb[j] = finite_square(gb[j] * gb[j]) * k[V_WEIGHT];
+        } else {
+            load(vp, v_dt, at, n, vb);
+            for (int j = 0; j < n; j++) vb[j] = lerp(vb[j], finite_square(gb[j] * gb[j]), k[V_WEIGHT]);
         }
-        return;
+        store(vp, v_dt, at, n, vb, ts->key[KEY_V]);
+        for (int j = 0; j < n; j++) vb[j] = sqrtf(vb[j]) / k[SQRT_BIAS2] + k[EPS];
+        float *yw = work(yp, y_dt, at, n, yb), *ow = work(op, o_dt, at, n, ob);
+        if (G->lf_stride) observe(G, t, at, n, gb, yw, ow, gate, dot, l1);
+        step_elements(yw, gb, ow, vb, n, k);
+        put(yp, y_dt, at, n, yw, ts->key[KEY_Y]);
+        put(op, o_dt, at, n, ow, ts->key[KEY_OFFSET]);
     }
+}
+
+/* Work item i of a blocked tensor: rows [r0, r1), one v per row. */
+static void update_rows(const group_t *G, int64_t i, const tensor_step_t *ts, int gate, double *dot, double *l1) {
+    int64_t t = G->item_t[i], c = G->cols[t];
+    const float *k = ts->k;
+    void *yp = (void *)G->y[t], *op = (void *)G->offset[t], *vp = (void *)G->v[t], *gp = (void *)G->g[t];
+    int y_dt = G->y_dt[t], g_dt = G->g_dt[t], o_dt = G->offset_dt[t], v_dt = G->v_dt[t], fresh = G->fresh[t];
+    float yb[SEG], gb[SEG], ob[SEG];
     for (int64_t r = G->r0[i]; r < G->r1[i]; r++) {
         float s = finite_square(G->sq[G->sq_at[t] + r] / (float)c), vr;
         if (fresh) {
@@ -257,17 +314,33 @@ static void update_item(const group_t *G, int64_t i) {
             load(vp, v_dt, r, 1, &vr);
             vr = lerp(vr, s, k[V_WEIGHT]);
         }
-        store(vp, v_dt, r, 1, &vr, key[KEY_V]);
+        store(vp, v_dt, r, 1, &vr, ts->key[KEY_V]);
         float denom = sqrtf(vr) / k[SQRT_BIAS2] + k[EPS];
         for (int64_t j = 0; j < c; j += SEG) {
             int n = (int)(c - j < SEG ? c - j : SEG);
             int64_t at = r * c + j;
             const float *gw = work(gp, g_dt, at, n, gb);
             float *yw = work(yp, y_dt, at, n, yb), *ow = work(op, o_dt, at, n, ob);
+            if (G->lf_stride) observe(G, t, at, n, gw, yw, ow, gate, dot, l1);
             step_block(yw, gw, ow, denom, n, k);
-            put(yp, y_dt, at, n, yw, key[KEY_Y]);
-            put(op, o_dt, at, n, ow, key[KEY_OFFSET]);
+            put(yp, y_dt, at, n, yw, ts->key[KEY_Y]);
+            put(op, o_dt, at, n, ow, ts->key[KEY_OFFSET]);
         }
+    }
+}
+
+/* gate: whether the step applies, for the lr-free s (the update itself is gated by its coefficients). */
+static void update_item(const group_t *G, int64_t i, int gate) {
+    int64_t t = G->item_t[i];
+    tensor_step_t ts = tensor_step(G, t);
+    double dot = 0.0, l1 = 0.0;
+    if (G->per_element[t])
+        update_elements(G, i, &ts, gate, &dot, &l1);
+    else
+        update_rows(G, i, &ts, gate, &dot, &l1);
+    if (G->lf_stride) {
+        G->lf_item_dot[i] = dot;
+        G->lf_item_l1[i] = l1;
     }
 }
 
@@ -283,12 +356,15 @@ void refadamw_row_sums(const group_t *G, int threads, int64_t parallel_numel) {
 
 /* The update, from the block sums of refadamw_row_sums. */
 void refadamw_update(const group_t *G, int threads, int64_t parallel_numel) {
+    int gate = G->lf_stride && *G->lf_gate;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (total_numel(G) >= parallel_numel)
-    for (int64_t i = 0; i < G->n_items; i++) update_item(G, i);
+    for (int64_t i = 0; i < G->n_items; i++) update_item(G, i, gate);
+    lr_free_sums(G, 1);
 }
 
 /* Both in one parallel region, for a group whose coefficients do not depend on the norms: the block
- * sums, then, only if every tensor's sum of squares is finite (the hygiene gate), the update. */
+ * sums, then, only if every tensor's sum of squares is finite (the hygiene gate), the update (and the
+ * lr-free terms: zero when the gate is shut). */
 void refadamw_step(const group_t *G, int threads, int64_t parallel_numel) {
     int finite = 1;
 #pragma omp parallel num_threads(threads) if (total_numel(G) >= parallel_numel)
@@ -302,9 +378,10 @@ void refadamw_step(const group_t *G, int threads, int64_t parallel_numel) {
         }
         if (finite) {
 #pragma omp for schedule(dynamic, 1)
-            for (int64_t i = 0; i < G->n_items; i++) update_item(G, i);
+            for (int64_t i = 0; i < G->n_items; i++) update_item(G, i, 1);
         }
     }
+    lr_free_sums(G, finite);
 }
 
 /* The kernel's rounding on its own, for tests: src (fp32, n values) into dst (dtype code dt), element i

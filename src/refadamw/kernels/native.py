@@ -45,7 +45,11 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from typing import NamedTuple
+
 import torch
+
+from .. import lr_free
 
 logger = logging.getLogger("refadamw")
 
@@ -78,7 +82,10 @@ class _Group(ctypes.Structure):
     _fields_ = ([(name, _P) for name in ("y", "g", "offset", "v", "y_dt", "g_dt", "offset_dt", "v_dt", "rows",
                                          "cols", "sq_at", "per_element", "fresh", "coef_cols", "coef_strides",
                                          "steps", "tensor_keys", "sq", "item_sum", "tensor_sum")]
-                + [("n", _I64), ("n_items", _I64)] + [(name, _P) for name in ("item_t", "r0", "r1")])
+                + [("n", _I64), ("n_items", _I64)] + [(name, _P) for name in ("item_t", "r0", "r1")]
+                + [(name, _P) for name in ("lf_anchor", "lf_sum", "lf_a", "lf_gate")]
+                + [("lf_beta3", ctypes.c_float), ("lf_stride", _I64)]
+                + [(name, _P) for name in ("lf_item_dot", "lf_item_l1", "lf_dot", "lf_l1")])
 
 
 def _cache_dir() -> Path:
@@ -177,6 +184,15 @@ def _codes(tensors) -> torch.Tensor:
     return torch.tensor([DTYPE_CODES[t.dtype] for t in tensors], dtype=torch.int32)
 
 
+class LrFreeTerms(NamedTuple):
+    """What the kernel needs to add a lr-free group's terms (:mod:`refadamw.lr_free`): the step's weight
+    ``a`` (0-d), whether ``s`` is updated (0-d bool; :meth:`Plan.step` uses its own hygiene gate) and β3."""
+
+    weight: torch.Tensor
+    gate: torch.Tensor
+    beta3: float
+
+
 class Plan:
     """The static part of one group's call: state pointers, block shapes, work items and scratch.
 
@@ -184,7 +200,7 @@ class Plan:
     the optimizer rebuilds it otherwise.
     """
 
-    def __init__(self, params, offsets, vs, layouts):
+    def __init__(self, params, offsets, vs, layouts, lr_free_states=None):
         self.lib = library()
         n = len(params)
         rows = [p.numel() if lay.per_element else lay.n_blocks for p, lay in zip(params, layouts)]
@@ -218,6 +234,16 @@ class Plan:
             cols=self.cols.data_ptr(), sq_at=self.sq_at.data_ptr(), per_element=self.per_element.data_ptr(),
             sq=self.sq.data_ptr(), item_sum=self.item_sum.data_ptr(), tensor_sum=self.tensor_sum.data_ptr(),
             n=n, n_items=self.n_items, item_t=item_t.data_ptr(), r0=r0.data_ptr(), r1=r1.data_ptr())
+        if lr_free_states is not None:  # the lr-free sample buffers of refadamw.lr_free, one pair per tensor
+            self.lr_free_ptrs = [_ptrs([s[key] for s in lr_free_states]) for key in lr_free.STATE_KEYS]
+            self.lr_free_sums = torch.empty(2 * self.n_items + 2 * n, dtype=torch.float64)
+            self._keep += tuple([s[key] for s in lr_free_states] for key in lr_free.STATE_KEYS)
+            parts = self.lr_free_sums.split([self.n_items, self.n_items, n, n])
+            self.group.lf_anchor, self.group.lf_sum = (t.data_ptr() for t in self.lr_free_ptrs)
+            (self.group.lf_item_dot, self.group.lf_item_l1, self.group.lf_dot,
+             self.group.lf_l1) = (t.data_ptr() for t in parts)
+        else:
+            self.lr_free_sums = None
 
     def row_sums(self, grads: list[torch.Tensor]) -> torch.Tensor | None:
         """Each gradient's sum of squares (fp64, ``(n,)``), or None when a gradient does not fit the
@@ -229,7 +255,7 @@ class Plan:
         return self.tensor_sum
 
     def update(self, params, grads, fresh: list[bool], columns: list[torch.Tensor], steps: torch.Tensor,
-               tensor_keys: torch.Tensor) -> bool:
+               tensor_keys: torch.Tensor, lr_free_terms: LrFreeTerms | None = None) -> bool:
         """The step, in place; False (nothing written) when a gradient or parameter does not fit the
         kernel this step. ``columns``: the per-tensor coefficients in :data:`COEFFICIENTS` order, each
         a vector of one value per tensor or a 0-d tensor for all; ``steps`` (int64) and ``tensor_keys``
@@ -240,19 +266,20 @@ class Plan:
         if summed is None or len(summed) != len(grads) or not all(map(operator.is_, summed, grads)):
             if self.row_sums(grads) is None:
                 return False
-        if not self._set_update(params, fresh, columns, steps, tensor_keys):
+        if not self._set_update(params, fresh, columns, steps, tensor_keys, lr_free_terms):
             return False
         self._call(self.lib.refadamw_update)
         return True
 
     def step(self, params, grads, columns: list[torch.Tensor], steps: torch.Tensor,
-             tensor_keys: torch.Tensor) -> torch.Tensor | None:
+             tensor_keys: torch.Tensor, lr_free_terms: LrFreeTerms | None = None) -> torch.Tensor | None:
         """:meth:`row_sums` and :meth:`update` in one parallel region, for coefficients that do not depend
         on the norms (no auto-lr, no controller, no fresh state): the update is written only if every
         tensor's sum of squares is finite. Returns the sums (None, nothing done, when a tensor does not
         fit the kernel this step); the caller derives the hygiene gate from them as the kernel did."""
         self._summed = None
-        if not self._set_grads(grads) or not self._set_update(params, None, columns, steps, tensor_keys):
+        if not self._set_grads(grads) or not self._set_update(params, None, columns, steps, tensor_keys,
+                                                                lr_free_terms):
             return None
         self._call(self.lib.refadamw_step)
         return self.tensor_sum
@@ -265,15 +292,30 @@ class Plan:
         self.group.g, self.group.g_dt = (t.data_ptr() for t in self._per_call)
         return True
 
-    def _set_update(self, params, fresh, columns, steps, tensor_keys) -> bool:
+    def lr_free_results(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each tensor's ``⟨g_S, x0_S − z_S⟩`` and ``‖s‖₁`` (fp32) of the last call given lr-free terms."""
+        sums = self.lr_free_sums[2 * self.n_items:].to(torch.float32)
+        return sums[: self.n], sums[self.n:]
+
+    def _set_update(self, params, fresh, columns, steps, tensor_keys, lr_free_terms) -> bool:
         if not all(p.is_contiguous() for p in params):  # p.data replaced by a strided tensor
             return False
+        if lr_free_terms is not None and self.lr_free_sums is None:
+            raise ValueError("lr-free terms for a plan built without the lr-free buffers")
+        g = self.group
+        if lr_free_terms is None:
+            g.lf_stride = 0
+        else:
+            weight = lr_free_terms.weight.to(torch.float32).contiguous()
+            gate = lr_free_terms.gate.to(torch.bool).contiguous()
+            self._per_call += [weight, gate]
+            g.lf_a, g.lf_gate, g.lf_beta3, g.lf_stride = weight.data_ptr(), gate.data_ptr(), lr_free_terms.beta3, \
+                lr_free.STRIDE
         columns = [c.to(torch.float32).contiguous() for c in columns]
         held = [_ptrs(params), torch.tensor(fresh, dtype=torch.int8) if fresh and any(fresh) else self.not_fresh,
                 _ptrs(columns), torch.tensor([1 if c.dim() else 0 for c in columns], dtype=torch.int64),
                 steps.contiguous(), tensor_keys.to(torch.int32).contiguous(), columns]
         self._per_call += held
-        g = self.group
         g.y, g.fresh, g.coef_cols, g.coef_strides, g.steps, g.tensor_keys = (t.data_ptr() for t in held[:6])
         return True
 
