@@ -162,7 +162,40 @@ def fsdp_body(rank, world, out: Path) -> dict:
     result["resumed"] = snapshot(model2, opt2)
     result["errors"] = layouts_that_straddle_ranks()
     result["auto_lr"] = auto_lr_run(batches, world)
+    result["lr_free"] = {"uninterrupted": lr_free_run(batches, world, None),
+                         "resumed": lr_free_run(batches, world, out / "lr_free_ckpt")}
     return result
+
+
+def lr_free_run(batches, world: int, checkpoint_dir: Path | None) -> dict:
+    """The lr-free default under FSDP2, through :func:`refadamw.save_sharded` and :func:`refadamw.load_sharded`
+    halfway when ``checkpoint_dir`` is given: each rank's sampled x0 and s must come back as its own. The
+    batches three times over: d needs some twenty steps to grow far from D0."""
+    from torch.distributed.fsdp import fully_shard
+
+    from refadamw import load_sharded, save_sharded
+
+    def built():
+        model = build_model()
+        for layer in (model[0], model[2], model):
+            fully_shard(layer)
+        return model, RefAdamWMiniSF(model.parameters(), total_steps=3 * STEPS, warmup_steps=2, lr_free_scale=2.0,
+                                     state_dtype="fp32")
+
+    model, opt = built()
+    batches = batches * 3
+    for step, (inputs, targets) in enumerate(batches):
+        if checkpoint_dir is not None and step == len(batches) // 2:
+            save_sharded(model, opt, str(checkpoint_dir))
+            model, opt = built()
+            load_sharded(model, opt, str(checkpoint_dir))
+            opt.train()
+        loss = loss_fn(model(inputs), targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return {"y": [full(p) for p in model.parameters()], "d": opt.param_groups[0]["stats"]["lr_free_d"].clone(),
+            "samples": [{k: opt.state[p][k].clone() for k in refadamw.lr_free.STATE_KEYS} for p in model.parameters()]}
 
 
 def auto_lr_run(batches, world: int) -> list[torch.Tensor]:
@@ -444,6 +477,25 @@ def test_fsdp2_checkpoint_resume_matches_uninterrupted(fsdp_ranks):
                 assert torch.equal(a, b)
         for key in ("gnorm_ema", "loss_ema", "t"):
             torch.testing.assert_close(result["resumed"]["controller"][key], result["controller"][key])
+
+
+def test_fsdp2_lr_free_resume_matches_uninterrupted(fsdp_ranks):
+    """The lr-free default's sampled x0 and s are each rank's own: a sharded checkpoint keeps every rank's
+    (saved plain, they were written once, from one rank, and loaded into all, and d jumped 600×)."""
+    ds = []
+    for result in fsdp_ranks:
+        runs = result["lr_free"]
+        ds.append(runs["uninterrupted"]["d"])
+        assert float(ds[-1]) > 10 * refadamw.lr_free.D0  # the estimate moved
+        assert torch.equal(runs["resumed"]["d"], ds[-1])
+        for a, b in zip(runs["resumed"]["y"], runs["uninterrupted"]["y"]):
+            assert torch.equal(a, b)
+        for a, b in zip(runs["resumed"]["samples"], runs["uninterrupted"]["samples"]):
+            for key in a:
+                assert torch.equal(a[key], b[key]), key
+    assert torch.equal(ds[0], ds[1])  # the sums are all-reduced: one estimate for all ranks
+    first, second = (r["lr_free"]["uninterrupted"]["samples"][0]["lr_free_anchor"] for r in fsdp_ranks)
+    assert not torch.equal(first, second)  # each rank samples its own shard
 
 
 def test_fsdp2_rejects_layouts_that_straddle_ranks(fsdp_ranks):

@@ -167,16 +167,18 @@ def _load_target(opt: AdamWMiniSF, saved: set[int], path: str | os.PathLike) -> 
     """``opt.state_dict()`` whose state is, for exactly the ``saved`` ids, new tensors laid out as a first
     step lays them out (``torch.distributed.checkpoint`` loads into them in place); ``opt`` is not changed."""
     target = opt.state_dict()
-    state, ordinal = {}, 0
+    state, ordinal, params = {}, 0, []
     for group in opt.param_groups:
         for param in group["params"]:
             if ordinal in saved:
                 state[ordinal] = param_state.init_state(group, param, opt.seed, ordinal)
+            params.append(param)
             ordinal += 1
     unknown = sorted(saved - set(range(ordinal)))
     if unknown:
         raise ValueError(f"the checkpoint {os.fspath(path)!r} holds optimizer state for parameter ids {unknown}, "
                          f"but the optimizer has {ordinal} parameters; build the model as when saving")
+    param_state.checkpoint_form(state, params)  # laid out as state_dict() saves it
     target["state"] = state
     return target
 

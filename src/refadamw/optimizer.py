@@ -135,6 +135,7 @@ class AdamWMiniSF(torch.optim.Optimizer):
         self._own_hooks = {  # torch's own extension points for state_dict and load_state_dict
             "end": self.register_state_dict_pre_hook(AdamWMiniSF._end_backward, prepend=True),
             "save": self.register_state_dict_post_hook(AdamWMiniSF._save_controller, prepend=True),
+            "samples": self.register_state_dict_post_hook(AdamWMiniSF._save_lr_free_samples, prepend=True),
             "check": super().register_load_state_dict_pre_hook(AdamWMiniSF._check_load),
             "install": self.register_load_state_dict_post_hook(AdamWMiniSF._install_load, prepend=True),
         }
@@ -560,6 +561,9 @@ class AdamWMiniSF(torch.optim.Optimizer):
     def _save_controller(self, state_dict: dict[str, Any]) -> None:
         if self.controller is not None:
             state_dict.update(self.controller.checkpoint())
+
+    def _save_lr_free_samples(self, state_dict: dict[str, Any]) -> None:
+        param_state.checkpoint_form(state_dict["state"], [p for g in self.param_groups for p in g["params"]])
 
     def _check_load(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
         """Everything checked before anything changes (torch's load then only sets the param groups). State

@@ -126,6 +126,19 @@ def converted(group: Mapping[str, Any], param: torch.Tensor, state: dict) -> boo
     return True
 
 
+def checkpoint_form(state: dict[int, dict[str, torch.Tensor]], params: list[torch.Tensor]) -> None:
+    """In place on a ``state_dict``'s ``state`` (parameter id → state; ``params[id]`` the parameter): the
+    lr-free samples of a sharded parameter, which are the rank's own and no shard of a whole tensor, become
+    its row of a per-rank ``DTensor`` (:func:`refadamw.sharding.per_rank`), so that a distributed
+    checkpoint keeps every rank's; :func:`checked_param_state` takes the row back."""
+    for key, saved in list(state.items()):
+        param = params[key]
+        if sharding.is_sharded(param) and lr_free.STATE_KEYS[0] in saved:
+            length = lr_free.sample_size(sharding.largest_local_numel(param))
+            state[key] = {**saved, **{name: sharding.per_rank(saved[name], param, length)
+                                      for name in lr_free.STATE_KEYS}}
+
+
 def checked_param_state(group, param, saved: Any, key: Any, index: int) -> dict[str, torch.Tensor]:
     """A saved state of ``param`` (id ``key``), checked and converted to what it carries here."""
     if not isinstance(saved, Mapping):
@@ -141,6 +154,8 @@ def checked_param_state(group, param, saved: Any, key: Any, index: int) -> dict[
         value = saved[name]
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"state '{name}' of parameter {key} is not a tensor")
+        if name in lr_free.STATE_KEYS:  # saved under FSDP2 as this rank's row (checkpoint_form)
+            value = sharding.from_per_rank(value, shape[0])
         if tuple(value.shape) != tuple(shape):
             raise ValueError(f"state '{name}' of parameter {key} has shape {tuple(value.shape)}, expected {tuple(shape)}")
         if value.is_floating_point() != dtype.is_floating_point and not (name == "step" and value.dim() == 0):

@@ -193,6 +193,38 @@ def like_param(local_tensor: torch.Tensor, param: torch.Tensor, global_shape: to
                               shape=torch.Size(global_shape), stride=stride)
 
 
+def largest_local_numel(param: torch.Tensor) -> int:
+    """The element count of the largest shard of ``param`` on any rank (torch.chunk's first chunk: FSDP2's)."""
+    if not is_sharded(param):
+        return param.numel()
+    shape = list(param.shape)
+    for mesh_dim, placement in enumerate(param.placements):
+        if placement.is_shard():
+            shape[placement.dim] = -(-shape[placement.dim] // param.device_mesh.size(mesh_dim))
+    return math.prod(shape)
+
+
+def per_rank(vector: torch.Tensor, param: torch.Tensor, length: int) -> torch.Tensor:
+    """A rank's own 1-D ``vector`` (at most ``length`` long) as its row of a ``DTensor`` with one row per shard
+    of ``param``, zero-padded to ``length``: ``torch.distributed.checkpoint`` then saves and loads every
+    rank's row, where a plain tensor would be saved once, from one rank, and loaded into all."""
+    from torch.distributed.tensor import Replicate, Shard  # loaded with DTensor already
+
+    shard_dims = [i for i, placement in enumerate(param.placements) if placement.is_shard()]
+    mesh = param.device_mesh
+    row = torch.zeros(length, dtype=vector.dtype, device=vector.device)
+    row[: vector.numel()] = vector
+    placements = [Shard(shard_dims.index(i)) if i in shard_dims else Replicate() for i in range(mesh.ndim)]
+    shape = torch.Size([mesh.size(i) for i in shard_dims] + [length])
+    return _dtensor_class().from_local(row.view(*([1] * len(shard_dims)), length), mesh, placements,
+                                       run_check=False, shape=shape, stride=torch.empty(shape, device="meta").stride())
+
+
+def from_per_rank(t: torch.Tensor, numel: int) -> torch.Tensor:
+    """This rank's 1-D vector of ``numel`` values back from a :func:`per_rank` ``DTensor`` (others: ``t``)."""
+    return t.to_local().reshape(-1)[:numel] if is_sharded(t) else t
+
+
 def global_sums(tensors: list[torch.Tensor], local_values: list[torch.Tensor]) -> list[torch.Tensor]:
     """Whole-tensor sums from per-shard ones: ``local_values[i]`` is a sum over the local shard of
     ``tensors[i]`` (possibly a ``DTensor``). Sharded ones are all-reduced (summed) over the mesh
