@@ -226,6 +226,28 @@ static void step_elements(float *restrict y, const float *restrict g, float *res
     STEP_SEGMENT(denom[j])
 }
 
+static inline int64_t element_size(int dt) { return dt == F32 ? 4 : 2; }
+
+/* Prefetch a tensor's elements [from, to), every cache line once (from rounded down to a line). The lr-free
+ * terms' sampled reads come ahead of the sequential ones and, without it, stall on memory: the hardware
+ * prefetcher follows sequential reads only (10 x 1024^2 fp32: 1.55x fused AdamW without, 1.26x with). The
+ * update's own reads gain too (fixed lr: 1.30x -> 1.13x there; 640 LoRA factors 1.34x -> 1.19x). */
+static inline void prefetch(const void *base, int dt, int64_t from, int64_t to) {
+    int64_t per_line = 64 / element_size(dt);
+    for (int64_t i = from / per_line * per_line; i < to; i += per_line)
+        __builtin_prefetch((const char *)base + i * element_size(dt));
+}
+
+/* Keeps the prefetch of g and y two segments ahead of `at`, up to `end`; returns how far it reaches. */
+static inline int64_t prefetch_ahead(const void *g, int g_dt, const void *y, int y_dt, int64_t fetched,
+                                     int64_t at, int64_t end) {
+    int64_t to = at + 2 * SEG < end ? at + 2 * SEG : end;
+    if (to <= fetched) return fetched;
+    prefetch(g, g_dt, fetched, to);
+    prefetch(y, y_dt, fetched, to);
+    return to;
+}
+
 /* The lr-free terms of the sampled elements among [at, at + n) of tensor t (g, y, offset: their fp32
  * values there, before the step), added to the item's sums. */
 static void observe(const group_t *G, int64_t t, int64_t at, int n, const float *g, const float *y,
@@ -280,6 +302,7 @@ static void update_elements(const group_t *G, int64_t i, const tensor_step_t *ts
     void *yp = (void *)G->y[t], *op = (void *)G->offset[t], *vp = (void *)G->v[t], *gp = (void *)G->g[t];
     int y_dt = G->y_dt[t], g_dt = G->g_dt[t], o_dt = G->offset_dt[t], v_dt = G->v_dt[t], fresh = G->fresh[t];
     float yb[SEG], gb[SEG], ob[SEG], vb[SEG];
+    int64_t fetched = G->r0[i];
     for (int64_t at = G->r0[i]; at < G->r1[i]; at += SEG) {
         int n = (int)(G->r1[i] - at < SEG ? G->r1[i] - at : SEG);
         load(gp, g_dt, at, n, gb);
@@ -292,6 +315,7 @@ static void update_elements(const group_t *G, int64_t i, const tensor_step_t *ts
         store(vp, v_dt, at, n, vb, ts->key[KEY_V]);
         for (int j = 0; j < n; j++) vb[j] = sqrtf(vb[j]) / k[SQRT_BIAS2] + k[EPS];
         float *yw = work(yp, y_dt, at, n, yb), *ow = work(op, o_dt, at, n, ob);
+        fetched = prefetch_ahead(gp, g_dt, yp, y_dt, fetched, at, G->r1[i]);
         if (G->lf_stride) observe(G, t, at, n, gb, yw, ow, gate, dot, l1);
         step_elements(yw, gb, ow, vb, n, k);
         put(yp, y_dt, at, n, yw, ts->key[KEY_Y]);
@@ -306,6 +330,7 @@ static void update_rows(const group_t *G, int64_t i, const tensor_step_t *ts, in
     void *yp = (void *)G->y[t], *op = (void *)G->offset[t], *vp = (void *)G->v[t], *gp = (void *)G->g[t];
     int y_dt = G->y_dt[t], g_dt = G->g_dt[t], o_dt = G->offset_dt[t], v_dt = G->v_dt[t], fresh = G->fresh[t];
     float yb[SEG], gb[SEG], ob[SEG];
+    int64_t fetched = G->r0[i] * c;
     for (int64_t r = G->r0[i]; r < G->r1[i]; r++) {
         float s = finite_square(G->sq[G->sq_at[t] + r] / (float)c), vr;
         if (fresh) {
@@ -321,6 +346,7 @@ static void update_rows(const group_t *G, int64_t i, const tensor_step_t *ts, in
             int64_t at = r * c + j;
             const float *gw = work(gp, g_dt, at, n, gb);
             float *yw = work(yp, y_dt, at, n, yb), *ow = work(op, o_dt, at, n, ob);
+            fetched = prefetch_ahead(gp, g_dt, yp, y_dt, fetched, at, G->r1[i] * c);
             if (G->lf_stride) observe(G, t, at, n, gw, yw, ow, gate, dot, l1);
             step_block(yw, gw, ow, denom, n, k);
             put(yp, y_dt, at, n, yw, ts->key[KEY_Y]);
