@@ -44,7 +44,6 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-
 from typing import NamedTuple
 
 import torch
