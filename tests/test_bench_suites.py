@@ -142,6 +142,34 @@ def test_robustness_suite_retunes_adamw_at_every_size(monkeypatch, tmp_path):
     assert "width ×4" in (tmp_path / "robustness.md").read_text()
 
 
+def test_defaults_suite_varies_one_default_at_a_time(monkeypatch, tmp_path):
+    from refadamw.bench import defaults
+
+    monkeypatch.setattr(defaults, "VARIANTS", {"defaults": {}, "warmup_steps=0": {"warmup_steps": 0},
+                                               "ref_alpha=0": {"ref_alpha": 0.0}})
+    built = []
+    real = defaults.build
+
+    def recording(name, lr, steps, **kw):
+        make, schedule = real(name, lr, steps, **kw)
+        return (lambda model: built.append(make(model)) or built[-1]), schedule
+
+    monkeypatch.setattr(defaults, "build", recording)
+    doc = tmp_path / "doc.md"
+    doc.write_text("<!-- defaults:start -->\nold\n<!-- defaults:end -->\n")
+    assert cli.main(["bench", "--suite", "defaults", "--quick", "--seeds", "1", "--workloads", "friedman",
+                     "--out", str(tmp_path), "--doc", str(doc)]) == 0
+    rows = json.loads((tmp_path / "defaults.json").read_text())["defaults"]
+    assert [r["variant"] for r in rows] == ["defaults", "warmup_steps=0", "ref_alpha=0"]
+    assert rows[0]["ratio"] == 1.0 and all(math.isfinite(r["mean"]) for r in rows)
+    assert rows[1]["ratio"] == pytest.approx(rows[1]["mean"] / rows[0]["mean"])
+    groups = [o.param_groups[0] for o in built]
+    assert all(g["lr_free"] for g in groups)  # every variant in the lr-free mode
+    assert [g["warmup_steps"] for g in groups] == [20, 0, 20]
+    assert [o.controller.ref_alpha for o in built] == [0.05, 0.05, 0.0]
+    assert "geo-mean" in doc.read_text() and "old" not in doc.read_text()
+
+
 def test_bench_entries_for_the_lr_free_mode_and_prodigy_at_defaults():
     import torch
 

@@ -17,13 +17,14 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--sweep", action="store_true", help="run the defaults sweep instead (a few minutes)")
     bench = sub.add_parser("bench", help="compare the optimizers on the embedded workloads (the main job)")
     bench.add_argument("--suite", choices=["main", "precision", "controller", "ladder", "seed", "lora", "backward",
-                                                  "step", "robustness"],
+                                                  "step", "robustness", "defaults"],
                        default="main", help="main (default): every optimizer, tuned; the others study one feature")
     bench.add_argument("--quick", action="store_true", help="small models and short runs (about 2 minutes)")
     bench.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default: 1 quick, 2 full)")
     bench.add_argument("--workloads", default=None,
                        help="comma-separated workloads (default: main suite: lora_finetune with --quick, all but "
-                            "fashion_mnist without; robustness: friedman,digits_resnet; other suites: "
+                            "fashion_mnist without; robustness: friedman,digits_resnet; defaults: the five of the main "
+                            "suite's table; other suites: "
                             "shakespeare,digits_resnet,friedman)")
     bench.add_argument("--optimizers", default=None,
                        help="main suite: comma-separated optimizers (default: all of them)")

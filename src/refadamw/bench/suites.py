@@ -12,6 +12,8 @@
   training step, LoRA quality and spike recovery against the ordinary ``step()``.
 * ``robustness`` (:mod:`refadamw.bench.robustness`): ours at defaults against a re-tuned AdamW+cosine
   at 4× the width and 4× the batch.
+* ``defaults`` (:mod:`refadamw.bench.defaults`): ours' other defaults (warmup, betas, weight decay,
+  λ, window), one at a time, in the lr-free mode.
 * ``step`` (:mod:`refadamw.bench.step`): ``step()`` speed, transient memory,
   bandwidth share and compile time at four real model shapes; the only
   suite that runs on ``--device cuda``.
@@ -31,6 +33,8 @@ import torch
 
 from . import runner
 from .backward import backward
+from .defaults import WORKLOADS as DEFAULTS_WORKLOADS
+from .defaults import defaults
 from .lora import lora
 from .memory import peak_memory
 from .measure import linear_stack, low_precision_drift, state_bytes_per_param, step_times
@@ -320,8 +324,8 @@ def seed(bench: Bench, workloads: tuple[str, ...]) -> tuple[dict, str]:
 
 
 SUITES = {"backward": backward, "precision": precision, "controller": controller, "ladder": ladder, "seed": seed,
-          "lora": lora, "step": step, "robustness": robustness}
-DEFAULT_WORKLOADS = {"robustness": ROBUSTNESS_WORKLOADS}
+          "lora": lora, "step": step, "robustness": robustness, "defaults": defaults}
+DEFAULT_WORKLOADS = {"robustness": ROBUSTNESS_WORKLOADS, "defaults": DEFAULTS_WORKLOADS}
 """Suites whose default workloads are not :data:`refadamw.bench.runner.SUITE_WORKLOADS`."""
 FIGURES = {"step": step_figure}
 """Suite → ``figure(data, out_folder)``, writing its PNG (ImportError without matplotlib)."""

@@ -1,0 +1,63 @@
+"""``refadamw bench --suite defaults``: ours' other defaults, re-measured in the lr-free mode.
+
+One factor at a time from the defaults (warmup, β1, β2, weight decay, the Ref injection λ and its
+window), ours at ``lr=None`` on every workload and seed; the mean final validation loss and its ratio
+to the defaults' (below 1: the variant did better). A default changes only where a variant wins on
+every workload; docs/defaults.md has the table of the last run.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+from . import runner
+from .optimizers import build
+
+WORKLOADS = ("lora_finetune", "shakespeare", "digits_resnet", "flow_matching", "friedman")
+VARIANTS: dict[str, dict] = {
+    "defaults": {},
+    "warmup_steps=0": {"warmup_steps": 0},
+    "warmup_steps=100": {"warmup_steps": 100},
+    "betas=(0.95, 0.999)": {"betas": (0.95, 0.999)},
+    "betas=(0.9, 0.99)": {"betas": (0.9, 0.99)},
+    "weight_decay=0.01": {"weight_decay": 0.01},
+    "ref_alpha=0": {"ref_alpha": 0.0},
+    "ref_alpha=0.1": {"ref_alpha": 0.1},
+    "ref_window=(0.1, 0.9)": {"ref_window": (0.1, 0.9)},
+}
+"""Label → keyword arguments of ``RefAdamWMiniSF`` on top of its defaults ("defaults" first: the reference)."""
+
+
+def _loss(bench, workload: str, options: dict, seed: int) -> float:
+    task = runner.make_task(workload, seed, bench.quick)
+    make, schedule = build("refadamw", None, task.steps, info=task.info, **options)
+    return runner.train(task, make, schedule=schedule, eval_every=0).final_val_loss
+
+
+def _mean(values: list[float]) -> float:
+    return statistics.mean(values) if all(math.isfinite(v) for v in values) else float("nan")
+
+
+def defaults(bench, workloads: tuple[str, ...]) -> tuple[dict, str]:
+    rows = []
+    for workload in workloads:
+        reference = None
+        for label, options in VARIANTS.items():
+            losses = [_loss(bench, workload, options, s) for s in bench.seeds]
+            mean = _mean(losses)
+            reference = mean if reference is None else reference
+            rows.append({"workload": workload, "variant": label, "losses": losses, "mean": mean,
+                         "ratio": mean / reference})
+            bench.log(f"  {workload} {label}: {mean:.4g} ({mean / reference:.3f})")
+    lines = ["### Ours' other defaults in the lr-free mode, one at a time", "",
+             f"`RefAdamWMiniSF` at `lr=None`; mean final validation loss over seeds {list(bench.seeds)}, and in "
+             "brackets ÷ the defaults' (below 1: better). Geometric mean of the ratios over the workloads last.", "",
+             "| variant | " + " | ".join(workloads) + " | geo-mean |", "|---" * (len(workloads) + 2) + "|"]
+    for label in VARIANTS:
+        mine = [r for r in rows if r["variant"] == label]
+        ratios = [r["ratio"] for r in mine]
+        geo = math.exp(statistics.mean(map(math.log, ratios))) if all(r > 0 for r in ratios) else float("nan")
+        lines.append(f"| {label} | " + " | ".join(f"{r['mean']:.4g} ({r['ratio']:.3f})" for r in mine)
+                     + f" | {geo:.3f} |")
+    return {"defaults": rows}, "\n".join(lines)
