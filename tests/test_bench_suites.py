@@ -148,13 +148,13 @@ def test_defaults_suite_varies_one_default_at_a_time(monkeypatch, tmp_path):
     monkeypatch.setattr(defaults, "VARIANTS", {"defaults": {}, "warmup_steps=0": {"warmup_steps": 0},
                                                "ref_alpha=0": {"ref_alpha": 0.0}})
     built = []
-    real = defaults.build
+    real = defaults.runner.build
 
     def recording(name, lr, steps, **kw):
         make, schedule = real(name, lr, steps, **kw)
         return (lambda model: built.append(make(model)) or built[-1]), schedule
 
-    monkeypatch.setattr(defaults, "build", recording)
+    monkeypatch.setattr(defaults.runner, "build", recording)
     doc = tmp_path / "doc.md"
     doc.write_text("<!-- defaults:start -->\nold\n<!-- defaults:end -->\n")
     assert cli.main(["bench", "--suite", "defaults", "--quick", "--seeds", "1", "--workloads", "friedman",

@@ -12,7 +12,6 @@ import math
 import statistics
 
 from . import runner
-from .optimizers import build
 
 WORKLOADS = ("lora_finetune", "shakespeare", "digits_resnet", "flow_matching", "friedman")
 VARIANTS: dict[str, dict] = {
@@ -29,23 +28,13 @@ VARIANTS: dict[str, dict] = {
 """Label → keyword arguments of ``RefAdamWMiniSF`` on top of its defaults ("defaults" first: the reference)."""
 
 
-def _loss(bench, workload: str, options: dict, seed: int) -> float:
-    task = runner.make_task(workload, seed, bench.quick)
-    make, schedule = build("refadamw", None, task.steps, info=task.info, **options)
-    return runner.train(task, make, schedule=schedule, eval_every=0).final_val_loss
-
-
-def _mean(values: list[float]) -> float:
-    return statistics.mean(values) if all(math.isfinite(v) for v in values) else float("nan")
-
-
 def defaults(bench, workloads: tuple[str, ...]) -> tuple[dict, str]:
     rows = []
     for workload in workloads:
         reference = None
         for label, options in VARIANTS.items():
-            losses = [_loss(bench, workload, options, s) for s in bench.seeds]
-            mean = _mean(losses)
+            losses = [runner.final_val_loss(workload, "refadamw", None, s, bench.quick, **options) for s in bench.seeds]
+            mean = runner.finite_mean(losses)
             reference = mean if reference is None else reference
             rows.append({"workload": workload, "variant": label, "losses": losses, "mean": mean,
                          "ratio": mean / reference})

@@ -28,7 +28,7 @@ import torch
 from .. import AdamWMiniSF
 from . import runner
 from .clipping import make_clip
-from .measure import copy_bandwidth_gbs, linear_stack, state_bytes_per_param, step_times
+from .measure import copy_bandwidth_gbs, state_bytes_per_param, step_times
 from .optimizers import NAMES, MissingPeer, build, training
 from .progress import Progress
 from .text import lr_text
@@ -80,11 +80,6 @@ class Run:
     metrics: dict
     spike: bool = False
     clip: str | None = None
-
-
-def _mean(values):
-    values = list(values)
-    return statistics.mean(values) if values and all(math.isfinite(v) for v in values) else float("nan")
 
 
 def _spread(values):
@@ -228,7 +223,7 @@ def run(quick: bool, seeds: tuple[int, ...], workloads: tuple[str, ...], optimiz
             lr = bench.tune(workload, name)
             losses = bench.losses(workload, name, lr)
             summary.append({"workload": workload, "optimizer": name, "lr": lr, "grid": list(bench.grid(name)),
-                            "final_val_loss": losses, "mean": _mean(losses), "spread": _spread(losses)})
+                            "final_val_loss": losses, "mean": runner.finite_mean(losses), "spread": _spread(losses)})
             curves[workload][f"{name} lr={lr_text(lr)}"] = bench.run(workload, name, lr, seeds[0]).curve
         for name in SENSITIVITY:
             if name in names:
@@ -246,7 +241,7 @@ def run(quick: bool, seeds: tuple[int, ...], workloads: tuple[str, ...], optimiz
                 clean = bench.losses(workload, name, lr, clip=clip)
                 spiked = bench.losses(workload, name, lr, True, clip)
                 spikes.append({"workload": workload, "optimizer": name, "clip": clip, "lr": lr, "clean": clean,
-                               "spiked": spiked, "ratio": _mean(spiked) / _mean(clean)})
+                               "spiked": spiked, "ratio": runner.finite_mean(spiked) / runner.finite_mean(clean)})
     log(f"step(): timing {STEP_LAYERS} x Linear({STEP_WIDTH}, {STEP_WIDTH})")
     step_time = step_benchmark(names, bench.skipped)
     baseline = {r["workload"]: r["mean"] for r in summary if r["optimizer"] == BASELINE}

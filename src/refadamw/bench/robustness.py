@@ -11,10 +11,9 @@ ratio to the re-tuned AdamW+cosine at the same size.
 from __future__ import annotations
 
 import math
-import statistics
 
 from . import runner
-from .optimizers import MissingPeer, build
+from .optimizers import MissingPeer
 
 WORKLOADS = ("friedman", "digits_resnet")
 SIZES = {"as built": {}, "width ×4": {"width_factor": 4}, "batch ×4": {"batch_factor": 4}}
@@ -25,13 +24,7 @@ prodigy-plus-schedule-free at its defaults."""
 
 
 def _loss(bench, workload: str, sizes: dict, name: str, lr: float | None, seed: int) -> float:
-    task = runner.make_task(workload, seed, bench.quick, **sizes)
-    make, schedule = build(name, lr, task.steps, info=task.info)
-    return runner.train(task, make, schedule=schedule, eval_every=0).final_val_loss
-
-
-def _mean(values: list[float]) -> float:
-    return statistics.mean(values) if all(math.isfinite(v) for v in values) else float("nan")
+    return runner.final_val_loss(workload, name, lr, seed, bench.quick, sizes)
 
 
 def robustness(bench, workloads: tuple[str, ...]) -> tuple[dict, str]:
@@ -41,13 +34,13 @@ def robustness(bench, workloads: tuple[str, ...]) -> tuple[dict, str]:
             grid = {lr: _loss(bench, workload, sizes, "adamw_cosine", lr, bench.seeds[0]) for lr in GRID}
             finite = {lr: v for lr, v in grid.items() if math.isfinite(v)}
             best = min(finite, key=finite.get) if finite else GRID[0]
-            cosine = _mean([grid[best]] + [_loss(bench, workload, sizes, "adamw_cosine", best, s)
+            cosine = runner.finite_mean([grid[best]] + [_loss(bench, workload, sizes, "adamw_cosine", best, s)
                                            for s in bench.seeds[1:]])
             row = {"workload": workload, "size": size, "adamw_cosine_lr": best, "adamw_cosine": cosine,
                    "adamw_cosine_grid": {str(lr): v for lr, v in grid.items()}}
             for label, (name, lr) in UNTUNED.items():
                 try:
-                    row[label] = _mean([_loss(bench, workload, sizes, name, lr, s) for s in bench.seeds])
+                    row[label] = runner.finite_mean([_loss(bench, workload, sizes, name, lr, s) for s in bench.seeds])
                 except MissingPeer:
                     row[label] = float("nan")
                 row[f"{label}_ratio"] = row[label] / cosine

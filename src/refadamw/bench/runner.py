@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..back_pass import fused_backward
+from .optimizers import build
 from .workloads.base import Task
 
 WORKLOADS = ("lora_finetune", "shakespeare", "shakespeare_long", "digits_resnet", "flow_matching", "friedman",
@@ -203,3 +204,18 @@ def train(
         step_seconds=statistics.median(step_times) if step_times else float("nan"),
         metrics=metrics,
     )
+
+
+def finite_mean(values) -> float:
+    """The mean of ``values``, NaN when any is not finite (a diverged run) or there are none."""
+    values = list(values)
+    return statistics.mean(values) if values and all(math.isfinite(v) for v in values) else float("nan")
+
+
+def final_val_loss(workload: str, name: str, lr: float | None, seed: int, quick: bool, sizes: dict | None = None,
+                   **options) -> float:
+    """One run's final validation loss: optimizer ``name`` (:func:`refadamw.bench.optimizers.build`, with
+    ``options``) at ``lr`` (None: its default) on ``workload`` built at ``sizes``, evaluated at the end only."""
+    task = make_task(workload, seed, quick, **(sizes or {}))
+    make, schedule = build(name, lr, task.steps, info=task.info, **options)
+    return train(task, make, schedule=schedule, eval_every=0).final_val_loss

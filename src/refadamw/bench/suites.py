@@ -50,11 +50,6 @@ LAMBDAS = (0.0, 0.001, 0.01, 0.05, 0.2, 0.5)
 WINDOWS = ((0.2, 0.8), (0.5, 1.0))
 
 
-def _mean(values: list[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
-    return statistics.mean(finite) if len(finite) == len(values) else float("nan")
-
-
 def _spread(values: list[float]) -> float:
     return statistics.pstdev(values) if all(math.isfinite(v) for v in values) else float("nan")
 
@@ -128,9 +123,9 @@ def precision(bench: Bench, workloads: tuple[str, ...]) -> tuple[dict, str]:
             losses = [bench.run(workload, "refadamw", lr, s, state_dtype=setting)[0].final_val_loss
                       for s in bench.seeds]
             row[setting] = losses
-        row["ratio_bf16_vs_fp32"] = _mean(row["bf16"]) / _mean(row["fp32"])
+        row["ratio_bf16_vs_fp32"] = runner.finite_mean(row["bf16"]) / runner.finite_mean(row["fp32"])
         out["quality"].append(row)
-        bench.log(f"  {workload}: fp32 {_mean(row['fp32']):.5g}  bf16 {_mean(row['bf16']):.5g}")
+        bench.log(f"  {workload}: fp32 {runner.finite_mean(row['fp32']):.5g}  bf16 {runner.finite_mean(row['bf16']):.5g}")
 
     torch.set_num_threads(2)
     layers, width = (4, 512) if bench.quick else (24, 1024)
@@ -158,7 +153,7 @@ def precision(bench: Bench, workloads: tuple[str, ...]) -> tuple[dict, str]:
                      [[k, v["y"], v["x"]] for k, v in out["fine_tuning_drift"].items()]), "",
               f"Final validation loss, mean of {n} seed(s), at the best lr of RefAdamWMiniSF with fp32 state:", "",
               _table(["workload", "lr", "fp32 state", "bf16 state", "bf16 / fp32"],
-                     [[r["workload"], r["lr"], _mean(r["fp32"]), _mean(r["bf16"]), r["ratio_bf16_vs_fp32"]]
+                     [[r["workload"], r["lr"], runner.finite_mean(r["fp32"]), runner.finite_mean(r["bf16"]), r["ratio_bf16_vs_fp32"]]
                       for r in out["quality"]]), "",
               f"`step()` time, {layers}×Linear({width}, {width}), 2 threads, median:", "",
               _table(["optimizer", "× AdamW fused", "ns/param"],
@@ -196,9 +191,9 @@ def controller(bench: Bench, workloads: tuple[str, ...]) -> tuple[dict, str]:
                 spiked.append(bench.run(workload, name, lr, seed, spike=spike, feed_loss=feed, **options)[0]
                               .final_val_loss)
             row = {"workload": workload, "optimizer": label, "lr": lr, "clean": clean, "spiked": spiked,
-                   "ratio": _mean(spiked) / _mean(clean), "nan_runs": sum(not math.isfinite(v) for v in spiked)}
+                   "ratio": runner.finite_mean(spiked) / runner.finite_mean(clean), "nan_runs": sum(not math.isfinite(v) for v in spiked)}
             out["spike"].append(row)
-            bench.log(f"  {workload} {label}: clean {_mean(clean):.5g} spiked {_mean(spiked):.5g}")
+            bench.log(f"  {workload} {label}: clean {runner.finite_mean(clean):.5g} spiked {runner.finite_mean(spiked):.5g}")
             if flagged:
                 out["false_alarms"].append({"workload": workload, "optimizer": label, "flagged_fraction": flagged,
                                             "repair_on": clean, "repair_off": repair_off})
@@ -214,16 +209,16 @@ def controller(bench: Bench, workloads: tuple[str, ...]) -> tuple[dict, str]:
         bench.log(f"  {workload} done")
 
     n = len(bench.seeds)
-    spike_rows = [[r["workload"], r["optimizer"], r["lr"], _mean(r["clean"]), _mean(r["spiked"]), r["ratio"],
+    spike_rows = [[r["workload"], r["optimizer"], r["lr"], runner.finite_mean(r["clean"]), runner.finite_mean(r["spiked"]), r["ratio"],
                    r["nan_runs"]] for r in out["spike"]]
     alarm_rows = [[r["workload"], r["optimizer"], f"{100 * statistics.mean(r['flagged_fraction']):.2f}%",
-                   _mean(r["repair_on"]), _mean(r["repair_off"]) if r["repair_off"] else "-"]
+                   runner.finite_mean(r["repair_on"]), runner.finite_mean(r["repair_off"]) if r["repair_off"] else "-"]
                   for r in out["false_alarms"]]
     sweep_header = ["workload", "window"] + [f"λ={lam:g}" for lam in LAMBDAS]
     sweep_rows = []
     for workload in workloads:
         for window in WINDOWS:
-            cells = [_mean(r["losses"]) for r in out["lambda_sweep"]
+            cells = [runner.finite_mean(r["losses"]) for r in out["lambda_sweep"]
                      if r["workload"] == workload and tuple(r["window"]) == window]
             sweep_rows.append([workload, f"{window[0]:g}–{window[1]:g}"] + cells)
     report = ["### Ref controller", "",
@@ -267,13 +262,13 @@ def ladder(bench: Bench, workloads: tuple[str, ...]) -> tuple[dict, str]:
                     row["flagged_fraction"] = flagged
             out["ladder"].append(row)
             bench.log(f"  {workload} {policy}: " + ", ".join(
-                f"{k} {_mean(row[k]):.5g}" for k in ["clean"] + [f"x{f:g}" for f in LADDER_SPIKES if f]))
+                f"{k} {runner.finite_mean(row[k]):.5g}" for k in ["clean"] + [f"x{f:g}" for f in LADDER_SPIKES if f]))
     n = len(bench.seeds)
     spikes = [f for f in LADDER_SPIKES if f]
     header = (["workload", "policy", "clean", "clean steps flagged"] + [f"×{f:g} spike" for f in spikes]
               + [f"×{f:g} ÷ clean" for f in spikes])
-    rows = [[r["workload"], r["policy"], _mean(r["clean"]), f"{100 * statistics.mean(r['flagged_fraction']):.2f}%"]
-            + [_mean(r[f"x{f:g}"]) for f in spikes] + [_mean(r[f"x{f:g}"]) / _mean(r["clean"]) for f in spikes]
+    rows = [[r["workload"], r["policy"], runner.finite_mean(r["clean"]), f"{100 * statistics.mean(r['flagged_fraction']):.2f}%"]
+            + [runner.finite_mean(r[f"x{f:g}"]) for f in spikes] + [runner.finite_mean(r[f"x{f:g}"]) / runner.finite_mean(r["clean"]) for f in spikes]
             for r in out["ladder"]]
     report = ["### Repair policy", "",
               f"Final validation loss, mean of {n} seed(s), RefAdamWMiniSF at its best lr; spikes multiply the "
