@@ -35,8 +35,9 @@ multi-tensor ops, and tensor by tensor."""
 
 @pytest.mark.parametrize("path", PATHS)
 def test_estimate_matches_a_float64_reference(path):
-    """d, r and s follow the module docstring's equations, recomputed in float64 from y, δ and g seen at each
-    step (taken just before it), with z = y + δ and x0 the initial values, every STRIDE-th element."""
+    """d, r, s and the lagged d̄ follow the module docstring's equations, recomputed in float64 from y, δ and g
+    seen at each step (taken just before it), with z = y + δ and x0 the initial values, every STRIDE-th
+    element."""
     model = _model()
     x, y = _data()
     opt = AdamWMiniSF(model.parameters(), lr=None, warmup_steps=5, state_dtype="fp32", **PATHS[path])
@@ -44,8 +45,10 @@ def test_estimate_matches_a_float64_reference(path):
     beta3 = math.sqrt(0.999)
     x0 = [p.detach().reshape(-1)[::lr_free.STRIDE].double().clone() for p in params]
     s = [torch.zeros_like(a) for a in x0]
-    d, r = lr_free.D0, 0.0
-    for t in range(1, 31):
+    d, r, lagged = lr_free.D0, 0.0, lr_free.D0
+    for t in range(1, 81):
+        # the step this iteration takes uses d̄ as it stands before it
+        assert float(opt.param_groups[0]["lr"]) == pytest.approx(lr_free.STEP_FRACTION * lagged, rel=1e-2), t
         opt.zero_grad()
         _loss(model, x, y).backward()
         a = (d / lr_free.D0) ** 2 * min(1.0, t / 5)
@@ -58,18 +61,21 @@ def test_estimate_matches_a_float64_reference(path):
         r = beta3 * r + a * dots
         l1 = sum(float(v.abs().sum()) for v in s)
         d = max(d, r / l1) if l1 > 0 else d
+        lagged += (d - lagged) / lr_free.LAG_STEPS
         opt.step()
         # x0 − z is a difference of fp32 weights that moved by ~d: rounding of the weights (not of the
         # estimate) limits the agreement to ~1e-3, far below the ×10^4 growth of d being checked
         got = float(opt.param_groups[0]["stats"]["lr_free_d"])
         assert got == pytest.approx(d, rel=1e-2), t
         assert float(opt.param_groups[0]["stats"]["lr_free_numerator"]) == pytest.approx(r, rel=1e-2, abs=1e-12)
+        assert float(opt.param_groups[0]["stats"]["lr_free_d_lagged"]) == pytest.approx(lagged, rel=1e-2), t
     assert d > 100 * lr_free.D0  # the estimate moved: the comparison above is not of constants
+    assert lagged < d / 2  # and the step lags well behind it: d̄ = d would fail the check above
     for i, p in enumerate(params):
         torch.testing.assert_close(opt.state[p]["lr_free_sum"].double(), s[i], rtol=1e-2, atol=1e-2 * float(s[i].abs().max()))
-    # the step size in force is lr_free_scale·STEP_FRACTION·d, shown in param_groups
-    assert lr_free.STEP_FRACTION == 0.5
-    assert float(opt.param_groups[0]["lr"]) == pytest.approx(0.5 * got, rel=1e-6)
+    # the step size in force is lr_free_scale·STEP_FRACTION·d̄, shown in param_groups
+    lagged_got = float(opt.param_groups[0]["stats"]["lr_free_d_lagged"])
+    assert float(opt.param_groups[0]["lr"]) == pytest.approx(lr_free.STEP_FRACTION * lagged_got, rel=1e-6)
 
 
 @pytest.mark.parametrize("cls", [AdamWMiniSF, RefAdamWMiniSF])
@@ -116,7 +122,7 @@ def test_the_cpu_kernel_adds_the_terms_the_tensor_ops_add(cls, state_dtype, monk
             torch.testing.assert_close(kernel.state[p][key], ops.state[q][key], rtol=1e-4, atol=1e-9)
 
 
-def test_first_step_is_half_of_scale_times_d0_times_warmup():
+def test_first_step_is_the_fraction_of_scale_times_d0_times_warmup():
     for scale in (1.0, 3.0):
         model = _model()
         x, y = _data()
@@ -124,7 +130,7 @@ def test_first_step_is_half_of_scale_times_d0_times_warmup():
         opt = AdamWMiniSF(model.parameters(), lr=None, lr_free_scale=scale, warmup_steps=0, state_dtype="fp32")
         _loss(model, x, y).backward()
         opt.step()
-        assert float(opt.stats()["lr"]) == pytest.approx(0.5 * scale * lr_free.D0, rel=1e-6)
+        assert float(opt.stats()["lr"]) == pytest.approx(lr_free.STEP_FRACTION * scale * lr_free.D0, rel=1e-6)
         moved = max(float((p.detach() - b).abs().max()) for p, b in zip(model.parameters(), before))
         assert moved < 10 * scale * lr_free.D0
 
@@ -192,7 +198,7 @@ def test_fused_backward_pass_is_bit_exact(cls):
         for p in model.parameters():
             torch.nn.init.normal_(p, std=0.1)
         kw = {"total_steps": 20, "ref_alpha": 0.0} if cls is RefAdamWMiniSF else {}  # λ would apply a step later
-        # lr_free_scale=2 undoes STEP_FRACTION, so that d grows far from D0 within the 12 steps
+        # lr_free_scale=2 so that d grows far from D0 within the 12 steps
         opt = cls(model.parameters(), lr=None, lr_free_scale=2.0, warmup_steps=3, fused_back_pass=fused, **kw)
         if fused:
             fused_backward(model, opt)
@@ -240,3 +246,26 @@ def test_resume_is_bit_exact_and_old_checkpoints_keep_their_fixed_lr():
     fresh = AdamWMiniSF(_model().parameters(), lr=None)
     fresh.load_state_dict(old)
     assert fresh.param_groups[0]["lr_free"] is False and fresh.param_groups[0]["lr"] == 2e-3
+
+
+def test_a_checkpoint_from_before_the_lag_resumes_stepping_with_its_d():
+    """Checkpoints written before ``lr_free_d_lagged`` existed stepped with d itself: they resume from d̄ = d."""
+    x, y = _data()
+    model = _model()
+    opt = AdamWMiniSF(model.parameters(), lr=None, warmup_steps=2)
+    for _ in range(20):
+        opt.zero_grad()
+        _loss(model, x, y).backward()
+        opt.step()
+    old = opt.state_dict()
+    d = old["param_groups"][0]["stats"]["lr_free_d"].clone()
+    assert float(d) > 2 * float(old["param_groups"][0]["stats"]["lr_free_d_lagged"])  # the two differ here
+    del old["param_groups"][0]["stats"]["lr_free_d_lagged"]
+    resumed = AdamWMiniSF(_model().parameters(), lr=None, warmup_steps=2)
+    resumed.load_state_dict(old)
+    assert torch.equal(resumed.param_groups[0]["stats"]["lr_free_d_lagged"], d)
+    _loss(model, x, y).backward()
+    for p, q in zip(resumed.param_groups[0]["params"], model.parameters()):
+        p.grad = q.grad
+    resumed.step()
+    assert float(resumed.stats()["lr"]) == pytest.approx(lr_free.STEP_FRACTION * float(d), rel=1e-6)

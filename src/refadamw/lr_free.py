@@ -8,20 +8,25 @@ arXiv:2306.06101), after D-Adaptation (Defazio & Mishchenko, ICML 2023, arXiv:23
 (8/97 ≈ 0.08 byte per parameter) instead of two parameter-sized buffers. Per param group, at a step
 with estimate ``d`` (``d = D0`` at first) and warmup factor ``w_t = min(1, t/warmup_steps)``:
 
-    η      = lr_free_scale·c·d·w_t                   the step size the kernels get as ``lr``·warmup
+    η      = lr_free_scale·c·d̄·w_t                   the step size the kernels get as ``lr``·warmup
     a      = (d/D0)²·w_t                              this step's weight (0 on a skipped step)
     r      ← β3·r + a·Σ_tensors ⟨g_S, x0_S − z_S⟩       z = y + δ before this step's update
     s_i    ← β3·s_i + a·g_S                             one sample buffer per tensor
     d      ← max(d, r / Σ_tensors ‖s_i‖₁)                for the next step; unchanged while the sum is 0
+    d̄      ← d̄ + (d − d̄)/τ                            the step follows d with a lag (d̄ = D0 at first)
 
-with ``c = STEP_FRACTION = 1/2``, ``β3 = sqrt(β2)`` and ``x0`` the tensor's sampled values at its first step. ``r`` and ``d`` live in
-the group's ``stats`` (``lr_free_numerator``, ``lr_free_d``); ``s`` and ``x0`` in each parameter's
-state. Everything is tensor arithmetic: nothing reads a value on the host. The sums over a group's
-tensors are taken per tensor and then added in the group's parameter order; under FSDP2 each rank
-samples its own shard and the two sums are all-reduced (:func:`refadamw.sharding.global_sums`).
+with ``c = STEP_FRACTION``, ``τ = LAG_STEPS``, ``β3 = sqrt(β2)`` and ``x0`` the tensor's sampled values at
+its first step. ``r``, ``d`` and ``d̄`` live in the group's ``stats`` (``lr_free_numerator``,
+``lr_free_d``, ``lr_free_d_lagged``); ``s`` and ``x0`` in each parameter's state. Everything is tensor
+arithmetic: nothing reads a value on the host. The sums over a group's tensors are taken per tensor and
+then added in the group's parameter order; under FSDP2 each rank samples its own shard and the two sums
+are all-reduced (:func:`refadamw.sharding.global_sums`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -31,13 +36,18 @@ STRIDE = 97
 """Every STRIDE-th element of a tensor is sampled (a prime, so the sample does not align with rows)."""
 D0 = 1e-6
 """The first estimate of the distance: the first steps are tiny, and ``d`` grows from there (Prodigy's d0)."""
-STEP_FRACTION = 0.5
-"""The step is this fraction of the estimate ``d``: over six bench workloads and two seeds, the full
-estimate overshot on the transformers (Shakespeare 1.26× tuned AdamW+cosine, and one 6000-step run
-blew up to 3.9), half of it did not (0.986×, 0.993×); docs/lr_free.md has the table. Like Prodigy's
-``d_coef``, it scales the step only: the weights ``a`` use ``d`` itself."""
-STAT_KEYS = ("lr_free_d", "lr_free_numerator")
-"""The group ``stats`` entries the estimate keeps: the estimate ``d`` and the running numerator ``r``."""
+STEP_FRACTION = 0.85
+"""The step is this fraction of the lagged estimate ``d̄``. Like Prodigy's ``d_coef``, it scales the step
+only: the weights ``a`` use ``d`` itself. Chosen with :data:`LAG_STEPS` by measurement (docs/lr_free.md)."""
+LAG_STEPS = 50
+"""The time constant ``τ`` of the lag with which the step follows ``d``. The estimate rises by orders of
+magnitude within a few steps (on the bench's transformer from 1e-3 to 7e-3 in ten steps, well after the
+warmup), and a step that jumps with it makes the loss jump (3.3 to 4.1 there): a jump of the estimate
+becomes a ramp of about τ steps instead, as a warmup would make it. Without the lag, 0.5·d was stable
+there and 0.7·d was not (1.20× tuned AdamW+cosine); with it 0.85·d̄ is (docs/lr_free.md)."""
+STAT_KEYS = ("lr_free_d", "lr_free_numerator", "lr_free_d_lagged")
+"""The group ``stats`` entries the estimate keeps: the estimate ``d``, the running numerator ``r`` and the
+lagged estimate ``d̄`` that the step uses."""
 STATE_KEYS = ("lr_free_anchor", "lr_free_sum")
 """The per-parameter state: ``x0`` and ``s`` on the sampled elements (fp32)."""
 
@@ -78,7 +88,15 @@ def init_state(shard: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def init_stats(device: torch.device) -> dict[str, torch.Tensor]:
-    return {"lr_free_d": torch.full((), D0, device=device), "lr_free_numerator": torch.zeros((), device=device)}
+    return {"lr_free_d": torch.full((), D0, device=device), "lr_free_numerator": torch.zeros((), device=device),
+            "lr_free_d_lagged": torch.full((), D0, device=device)}
+
+
+def upgrade_stats(saved: Any) -> Any:
+    """A group's saved ``stats`` from before the lag (no ``lr_free_d_lagged``): the step resumes from ``d``."""
+    if isinstance(saved, Mapping) and "lr_free_d" in saved and "lr_free_d_lagged" not in saved:
+        saved = {**saved, "lr_free_d_lagged": saved["lr_free_d"]}
+    return saved
 
 
 def weight(stats: dict[str, torch.Tensor], warmup_steps: int) -> torch.Tensor:
@@ -88,8 +106,8 @@ def weight(stats: dict[str, torch.Tensor], warmup_steps: int) -> torch.Tensor:
 
 
 def step_size(stats: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
-    """The group's ``lr`` for the kernels: ``lr_free_scale·STEP_FRACTION·d`` (the kernels apply the warmup)."""
-    return stats["lr_free_d"] * (scale * STEP_FRACTION)
+    """The group's ``lr`` for the kernels: ``lr_free_scale·STEP_FRACTION·d̄`` (the kernels apply the warmup)."""
+    return stats["lr_free_d_lagged"] * (scale * STEP_FRACTION)
 
 
 def segment_sums(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -150,7 +168,8 @@ class Observation:
 
 def advance(stats: dict[str, torch.Tensor], dots: torch.Tensor, l1: torch.Tensor, applied: torch.Tensor,
             a: torch.Tensor, beta3: float) -> None:
-    """End of a group's step: ``r ← β3·r + a·Σ dots`` and ``d ← max(d, r/Σ ‖s‖₁)``, where ``applied``.
+    """End of a group's step: ``r ← β3·r + a·Σ dots``, ``d ← max(d, r/Σ ‖s‖₁)`` and ``d̄ ← d̄ + (d − d̄)/τ``,
+    where ``applied``.
 
     ``dots`` and ``l1`` are the per-tensor values of the step's tensors in the group's parameter order
     (already summed over the ranks for sharded tensors)."""
@@ -161,3 +180,5 @@ def advance(stats: dict[str, torch.Tensor], dots: torch.Tensor, l1: torch.Tensor
     usable = applied & (denominator > 0) & estimate.isfinite()
     numerator.copy_(torch.where(applied & new_numerator.isfinite(), new_numerator, numerator))
     d.copy_(torch.where(usable, torch.maximum(d, estimate), d))
+    lagged = stats["lr_free_d_lagged"]
+    lagged.copy_(torch.where(applied, lagged + (d - lagged) / LAG_STEPS, lagged))

@@ -221,7 +221,8 @@ def checked_load(class_name: str, groups: list[dict[str, Any]], defaults: Mappin
             here["param_names"] = group["param_names"]
         check_block_layouts(here)
         keys = stat_keys + (lr_free.STAT_KEYS if new_group["lr_free"] else ())
-        new_group["stats"] = checked_stats(saved["stats"], group["stats"]["steps"], keys, i)
+        stats = lr_free.upgrade_stats(saved["stats"]) if new_group["lr_free"] else saved["stats"]
+        new_group["stats"] = checked_stats(stats, group["stats"]["steps"], keys, i)
         for index, (param, key) in enumerate(zip(group["params"], saved["params"])):
             if key in saved_state:
                 new_state[param] = checked_param_state(here, param, saved_state[key], key, index)

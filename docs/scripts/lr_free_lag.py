@@ -1,0 +1,54 @@
+"""The lr-free step's fraction and lag (docs/lr_free.md): ours at lr=None on the bench workloads, with
+refadamw.lr_free.STEP_FRACTION and LAG_STEPS set per variant (LAG_STEPS=1 is no lag: the step follows d
+at once, as before the lag), the final validation loss at the end of each run (no mid-run evaluations),
+and AdamW+cosine at its tuned lr of the full bench for the ratios. Each run is a fresh process (the
+constants are module globals), two at a time, one thread each.
+
+Run: PYTHONPATH=src python docs/scripts/lr_free_lag.py 0 1 2 3   (the seeds; about 10 minutes on 2 cores;
+PROCS=1 runs one at a time)
+"""
+import os
+import statistics
+import sys
+from multiprocessing import Pool
+
+VARIANTS = {  # label → (STEP_FRACTION, LAG_STEPS, options of RefAdamWMiniSF)
+    "0.5·d, no lag (before)": (0.5, 1, {}),
+    "0.7·d̄, lag 50": (0.7, 50, {}),
+    "0.85·d̄, lag 50 (now)": (0.85, 50, {}),
+}
+COSINE_LR = {"lora_finetune": 3e-2, "shakespeare": 1e-2, "digits_resnet": 3e-3, "flow_matching": 3e-3, "friedman": 1e-2}
+"""AdamW+cosine's best lr per workload in docs/bench/results.json."""
+WORKLOADS = tuple(COSINE_LR)
+
+
+def run(job):
+    label, workload, seed = job
+    import torch
+
+    torch.set_num_threads(1)
+    from refadamw import lr_free
+    from refadamw.bench import runner
+
+    if label == "AdamW+cosine, tuned":
+        return job, runner.final_val_loss(workload, "adamw_cosine", COSINE_LR[workload], seed, False)
+    lr_free.STEP_FRACTION, lr_free.LAG_STEPS, options = VARIANTS[label]
+    return job, runner.final_val_loss(workload, "refadamw", None, seed, False, **options)
+
+
+if __name__ == "__main__":
+    seeds = [int(s) for s in sys.argv[1:]] or [0, 1]
+    labels = [*VARIANTS, "AdamW+cosine, tuned"]
+    jobs = [(label, w, s) for w in WORKLOADS for label in labels for s in seeds]
+    losses = {}
+    with Pool(int(os.environ.get("PROCS", 2)), maxtasksperchild=1) as pool:
+        for job, loss in pool.imap_unordered(run, jobs):
+            losses[job] = loss
+            print(*job, f"{loss:.5g}", flush=True)
+    mean = {(label, w): statistics.mean(losses[label, w, s] for s in seeds) for label in labels for w in WORKLOADS}
+    print(f"\nmean final validation loss over seeds {seeds}, ÷ AdamW+cosine tuned in brackets\n")
+    print("| variant | " + " | ".join(WORKLOADS) + " |")
+    print("|---" * (len(WORKLOADS) + 1) + "|")
+    for label in labels:
+        print(f"| {label} | " + " | ".join(
+            f"{mean[label, w]:.4g} ({mean[label, w] / mean['AdamW+cosine, tuned', w]:.3f})" for w in WORKLOADS) + " |")
