@@ -100,10 +100,14 @@ def test_the_cpu_kernel_adds_the_terms_the_tensor_ops_add(cls, state_dtype, monk
                 model[0].weight.grad[0, 0] = float("nan")
                 skipped = groups[0]["params"]  # the hygiene gate is per group: the biases' group steps
                 before = [opt.state[p]["lr_free_sum"].clone() for p in skipped]
+                stats_before = {k: v.clone() for k, v in groups[0]["stats"].items() if k in lr_free.STAT_KEYS}
             opt.step()
             if step == 9:
                 for p, old in zip(skipped, before):
                     assert torch.equal(opt.state[p]["lr_free_sum"], old)
+                for key, old in stats_before.items():  # d, r and the lag stand still on a skipped step
+                    assert torch.equal(groups[0]["stats"][key], old), key
+                assert not torch.equal(groups[0]["stats"]["lr_free_d_lagged"], groups[0]["stats"]["lr_free_d"])
         return opt, model
 
     reads = []
