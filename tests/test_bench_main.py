@@ -70,6 +70,41 @@ def test_quick_main_job_writes_results_curves_readme_and_benchmarks(small_timing
     again = tmp_path / "again.md"
     assert cli.main(["bench", "--render", str(tmp_path / "results.json"), "--benchmarks", str(again)]) == 0
     assert again.read_text() == benchmarks.read_text()
+    _check_retime(tmp_path, data)
+
+
+def _check_retime(tmp_path, data):
+    """--render --retime puts a new step() row into results.json (every run's ratio too) and keeps the losses."""
+    real = main.step_benchmark
+    calls = []
+
+    def doubled(names, skipped):  # the real timing, made recognizable
+        timed = real(names, skipped)
+        calls.append(names)
+        for row in timed["per_optimizer"].values():
+            row["ratio_vs_adamw_fused"] *= 2
+        return timed
+
+    main.step_benchmark = doubled
+    try:
+        out = tmp_path / "retimed"
+        assert cli.main(["bench", "--render", str(tmp_path / "results.json"), "--retime", "--out", str(out)]) == 0
+    finally:
+        main.step_benchmark = real
+    assert calls == [tuple(data["optimizers"])]
+    new = json.loads((out / "results.json").read_text())
+    assert [r["final_val_loss"] for r in new["runs"]] == [r["final_val_loss"] for r in data["runs"]]
+    assert new["summary"] == data["summary"]
+    per = new["step_time_per_optimizer"]
+    assert per["adamw_fused"]["ratio_vs_adamw_fused"] == 2.0
+    for r in new["runs"]:
+        name = "refadamw" if r["optimizer"] == "refadamw_lr_free" else r["optimizer"]
+        assert r["step_time_ratio_vs_adamw_fused"] == per[name]["ratio_vs_adamw_fused"]
+
+
+def test_retime_needs_render():
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--retime"])
 
 
 def test_render_refuses_what_is_not_a_main_results_file(tmp_path, capsys):

@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--render", default=None, metavar="RESULTS_JSON",
                        help="main suite: run nothing; rebuild the report, curves, --readme and --benchmarks "
                             "from an earlier run's results.json")
+    bench.add_argument("--retime", action="store_true",
+                       help="with --render: time step() again now and rewrite results.json's step() row (for a "
+                            "run whose timing shared the CPU with other work); the losses are kept")
     args = parser.parse_args(argv)
     if args.command == "bench":
         return _bench(parser, args)
@@ -78,6 +81,8 @@ def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error("--seeds must be >= 1")
     if args.suite != "main" and (args.optimizers or args.readme or args.benchmarks or args.render):
         parser.error("--optimizers, --readme, --benchmarks and --render belong to the main suite")
+    if args.retime and not args.render:
+        parser.error("--retime re-times an earlier run: give its results.json with --render")
     if args.device != "cpu":
         if args.suite != "step":
             parser.error("--device belongs to the step suite")
@@ -140,6 +145,8 @@ def _main_job(args, seeds, workloads, optimizers) -> int:
             return 1
         out = Path(args.out) if args.out else Path(args.render).parent
         seeds = tuple(data["seeds"])
+        if args.retime:
+            main_job.retime(data)
     else:
         try:
             data = main_job.run(args.quick, seeds, workloads, optimizers)
@@ -150,7 +157,7 @@ def _main_job(args, seeds, workloads, optimizers) -> int:
     text = report.markdown(data)
     print(text)
     out.mkdir(parents=True, exist_ok=True)
-    if not args.render:
+    if not args.render or args.retime:
         (out / "results.json").write_text(json.dumps(data, indent=1))
     (out / "results.md").write_text(text + "\n")
     try:
