@@ -100,6 +100,8 @@ def _check_retime(tmp_path, data):
     for r in new["runs"]:
         name = "refadamw" if r["optimizer"] == "refadamw_lr_free" else r["optimizer"]
         assert r["step_time_ratio_vs_adamw_fused"] == per[name]["ratio_vs_adamw_fused"]
+    assert "timed again after the run" in (out / "results.md").read_text()
+    assert "timed again" not in (tmp_path / "results.md").read_text()
 
 
 def test_retime_needs_render():

@@ -122,7 +122,8 @@ def markdown(data: dict) -> str:
         "### Results", "", _setup(data) + skipped, "", "Targets:", "", targets(data), "",
         "#### Final validation loss", "", quality_table(data), "", f"lr grids: {grids}.", "",
         f"#### step() time, {data['step_time']['params'] / 1e6:.1f}M parameters (10 × Linear(1024, 1024)), "
-        "2 threads, median", "", step_time_table(data), "",
+        "2 threads, median" + ("; timed again after the run (`--render --retime`)" if data.get("step_time_retimed")
+                               else ""), "", step_time_table(data), "",
         "#### lr sensitivity (seed 0)", "", sensitivity_table(data), "",
         f"#### Spike recovery: gradients ×{spike['factor']:g} for {spike['steps']} steps at 50% of training", "",
         "Clipping is applied after backward and before `step()`, as trainers do; each optimizer runs at its lr "
