@@ -25,7 +25,7 @@ def small_timing(monkeypatch):
     monkeypatch.setattr(main, "copy_bandwidth_gbs", lambda: real(numel=1 << 20, rounds=3))
 
 
-def test_quick_main_job_writes_results_curves_readme_and_benchmarks(small_timing, tmp_path, capsys):
+def test_quick_main_job_writes_results_curves_readme_and_benchmarks(small_timing, tmp_path, capsys, monkeypatch):
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- bench:start -->\nold\n<!-- bench:end -->\nend\n")
     benchmarks = tmp_path / "BENCHMARKS.md"
@@ -70,10 +70,10 @@ def test_quick_main_job_writes_results_curves_readme_and_benchmarks(small_timing
     again = tmp_path / "again.md"
     assert cli.main(["bench", "--render", str(tmp_path / "results.json"), "--benchmarks", str(again)]) == 0
     assert again.read_text() == benchmarks.read_text()
-    _check_retime(tmp_path, data)
+    _check_retime(tmp_path, data, monkeypatch)
 
 
-def _check_retime(tmp_path, data):
+def _check_retime(tmp_path, data, monkeypatch):
     """--render --retime puts a new step() row into results.json (every run's ratio too) and keeps the losses."""
     real = main.step_benchmark
     calls = []
@@ -85,12 +85,9 @@ def _check_retime(tmp_path, data):
             row["ratio_vs_adamw_fused"] *= 2
         return timed
 
-    main.step_benchmark = doubled
-    try:
-        out = tmp_path / "retimed"
-        assert cli.main(["bench", "--render", str(tmp_path / "results.json"), "--retime", "--out", str(out)]) == 0
-    finally:
-        main.step_benchmark = real
+    monkeypatch.setattr(main, "step_benchmark", doubled)
+    out = tmp_path / "retimed"
+    assert cli.main(["bench", "--render", str(tmp_path / "results.json"), "--retime", "--out", str(out)]) == 0
     assert calls == [tuple(data["optimizers"])]
     new = json.loads((out / "results.json").read_text())
     assert [r["final_val_loss"] for r in new["runs"]] == [r["final_val_loss"] for r in data["runs"]]

@@ -7,19 +7,22 @@ constants are module globals), two at a time, one thread each.
 Run: PYTHONPATH=src python docs/scripts/lr_free_lag.py 0 1 2 3   (the seeds; about 10 minutes on 2 cores;
 PROCS=1 runs one at a time)
 """
+import json
 import os
 import statistics
 import sys
 from multiprocessing import Pool
+from pathlib import Path
 
 VARIANTS = {  # label → (STEP_FRACTION, LAG_STEPS, options of RefAdamWMiniSF)
     "0.5·d, no lag (before)": (0.5, 1, {}),
     "0.7·d̄, lag 50": (0.7, 50, {}),
     "0.85·d̄, lag 50 (now)": (0.85, 50, {}),
 }
-COSINE_LR = {"lora_finetune": 3e-2, "shakespeare": 1e-2, "digits_resnet": 3e-3, "flow_matching": 3e-3, "friedman": 1e-2}
-"""AdamW+cosine's best lr per workload in docs/bench/results.json."""
-WORKLOADS = tuple(COSINE_LR)
+WORKLOADS = ("lora_finetune", "shakespeare", "digits_resnet", "flow_matching", "friedman")
+COSINE_LR = {s["workload"]: s["lr"] for s in json.loads(Path("docs/bench/results.json").read_text())["summary"]
+             if s["optimizer"] == "adamw_cosine"}
+"""AdamW+cosine's best lr per workload in the full bench's docs/bench/results.json."""
 
 
 def run(job):
