@@ -37,6 +37,7 @@ class SpecHyper:
     mini: bool = True
     block_rows: int = 1
     schedule_free: bool = True
+    averaging_power: float = 0.0  # r in w_t = t^r·lr_max_t² (SPEC.md §3.4: r = 0)
 
 
 @dataclass
@@ -141,7 +142,7 @@ def spec_step(params: list[SpecParam], grads: list[torch.Tensor | None], hp: Spe
         if hp.schedule_free:
             # §3.4: the three Schedule-Free sequences, x kept explicitly.
             p.lr_max = max(p.lr_max, lr_t)
-            w = p.lr_max**2
+            w = t**hp.averaging_power * p.lr_max**2
             p.weight_sum += w
             c = w / p.weight_sum if p.weight_sum > 0 else 0.0
             # weight decay at the point where the gradient was taken

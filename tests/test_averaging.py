@@ -10,21 +10,31 @@ T = torch.tensor
 def test_constant_lr_gives_uniform_average():
     lr_max, weight_sum = T(0.0, dtype=torch.float64), T(0.0, dtype=torch.float64)
     for t in range(1, 6):
-        c, lr_max, weight_sum = averaging_weight(T(0.1, dtype=torch.float64), lr_max, weight_sum)
+        c, lr_max, weight_sum = averaging_weight(T(0.1, dtype=torch.float64), lr_max, weight_sum, T(t), 0.0)
         torch.testing.assert_close(c, T(1.0 / t, dtype=torch.float64))
+
+
+def test_averaging_power_weighs_step_t_by_t_to_the_power():
+    """w_t = t^r·lr²: with r = 1 and a constant lr, c_t = t / (1 + 2 + … + t) = 2/(t + 1)."""
+    lr_max, weight_sum = T(0.0, dtype=torch.float64), T(0.0, dtype=torch.float64)
+    for t in range(1, 8):
+        c, lr_max, weight_sum = averaging_weight(T(0.1, dtype=torch.float64), lr_max, weight_sum, T(t), 1.0)
+        torch.testing.assert_close(c, T(2.0 / (t + 1), dtype=torch.float64))
+    c, _, _ = averaging_weight(T(0.1, dtype=torch.float64), lr_max, weight_sum, T(8), 2.5)
+    torch.testing.assert_close(c, T(8**2.5 / (8**2.5 + 28), dtype=torch.float64))
 
 
 def test_warmup_weights_are_lr_max_squared():
     lrs = [0.25, 0.5, 0.75, 1.0, 1.0]
     lr_max, weight_sum = T(0.0, dtype=torch.float64), T(0.0, dtype=torch.float64)
     for t, lr in enumerate(lrs, 1):
-        c, lr_max, weight_sum = averaging_weight(T(lr, dtype=torch.float64), lr_max, weight_sum)
+        c, lr_max, weight_sum = averaging_weight(T(lr, dtype=torch.float64), lr_max, weight_sum, T(t), 0.0)
         want = lr**2 / sum(x**2 for x in lrs[:t])
         torch.testing.assert_close(c, T(want, dtype=torch.float64))
 
 
 def test_zero_lr_gives_zero_weight_not_nan():
-    c, _, _ = averaging_weight(T(0.0), T(0.0), T(0.0))
+    c, _, _ = averaging_weight(T(0.0), T(0.0), T(0.0), T(1), 1.0)
     assert c.item() == 0.0
 
 

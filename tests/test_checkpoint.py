@@ -272,6 +272,7 @@ def test_a_checkpoint_written_by_version_0_1_0_loads_and_continues_bit_exactly(c
     opt = cls([{"params": [model[0].weight, model[2].weight]}, {"params": [model[0].bias, model[2].bias]}], lr=1.0)
     opt.load_state_dict(saved["optimizer"])
     assert opt.param_groups[0]["norm_ema_alpha"] == 0.1 and opt.param_groups[0]["weight_decay"] == 0.1
+    assert opt.param_groups[0]["averaging_power"] == 0.0  # written before it existed: the average it was saved with
     for seed in range(3, 6):
         writer.grads(model, seed)
         opt.step()

@@ -12,11 +12,11 @@ from refadamw import AdamWMiniSF
 from .spec_reference import SpecHyper, SpecParam, spec_step
 
 GROUP_A = dict(shapes=[(64, 64), (64,), (3, 5), ()], frozen=[(8, 8)],
-               hyper=SpecHyper(lr=1e-2, weight_decay=0.1, warmup_steps=3))
+               hyper=SpecHyper(lr=1e-2, weight_decay=0.1, warmup_steps=3, averaging_power=1.0))
 GROUP_B = dict(shapes=[(32, 8, 4, 4), (16,)], frozen=[],
                hyper=SpecHyper(lr=3e-3, beta1=0.8, beta2=0.99, eps=1e-6, auto_lr=False, block_rows=4))
 GROUP_C = dict(shapes=[(128, 40), (7, 3, 2)], frozen=[],
-               hyper=SpecHyper(lr=5e-2, min_lr=1e-3, max_lr=2e-2, alpha=0.3, mini=False))
+               hyper=SpecHyper(lr=5e-2, min_lr=1e-3, max_lr=2e-2, alpha=0.3, mini=False, averaging_power=2.5))
 STEPS = 7
 
 
@@ -24,7 +24,7 @@ def _options(hp: SpecHyper) -> dict:
     return dict(lr=hp.lr, betas=(hp.beta1, hp.beta2), eps=hp.eps, weight_decay=hp.weight_decay,
                 warmup_steps=hp.warmup_steps, auto_lr=hp.auto_lr, min_lr=hp.min_lr, max_lr=hp.max_lr,
                 schedulefree_alpha=hp.alpha, mini=hp.mini, block_rows=hp.block_rows,
-                schedule_free=hp.schedule_free)
+                schedule_free=hp.schedule_free, averaging_power=hp.averaging_power)
 
 
 def _grad_for(step: int, group: int, index: int, shape, gen) -> torch.Tensor | None:

@@ -57,15 +57,18 @@ def _assert_same_displacement(ours, peer, start, what):
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+@pytest.mark.parametrize("averaging_power", [0.0, 1.0, 2.0])
 @pytest.mark.parametrize("foreach,fused", [(False, False), (True, False), (True, True)],
                          ids=["single", "foreach", "fused"])
-def test_matches_schedulefree_adamw_without_mini(weight_decay, foreach, fused):
+def test_matches_schedulefree_adamw_without_mini(weight_decay, averaging_power, foreach, fused):
     assert all(torch.Size(s).numel() >= SMALL_NUMEL for s in SHAPES.values() if len(s) == 2)
     kw = dict(lr=2e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay, warmup_steps=4)
     ours, peer = _named_params(0), _named_params(0)
     opt, start = _train(ours, lambda n: AdamWMiniSF([p for _, p in n], mini=False, auto_lr=False, state_dtype="fp32",
-                                                    foreach=foreach, fused=fused, **kw))
-    ref, _ = _train(peer, lambda n: schedulefree.AdamWScheduleFree([p for _, p in n], **kw))
+                                                    foreach=foreach, fused=fused, averaging_power=averaging_power,
+                                                    **kw))
+    # schedulefree's r is our averaging power: weights (k+1)^r·lr_max² at its 0-based step k
+    ref, _ = _train(peer, lambda n: schedulefree.AdamWScheduleFree([p for _, p in n], r=averaging_power, **kw))
     _assert_same_displacement(ours, peer, start, "y")
     opt.eval()
     ref.eval()

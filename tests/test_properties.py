@@ -35,7 +35,7 @@ _spec_hyper = st.builds(
     warmup_steps=st.integers(0, 5), auto_lr=st.booleans(),
     min_lr=st.one_of(st.none(), st.floats(0.0, 1e-3)), max_lr=st.one_of(st.none(), st.floats(1e-3, 0.2)),
     alpha=st.floats(0.01, 1.0), mini=st.booleans(), block_rows=st.sampled_from([1, 2]),
-    schedule_free=st.booleans(),
+    schedule_free=st.booleans(), averaging_power=st.sampled_from([0.0, 1.0, 2.0]),
 )
 _shape = st.lists(st.sampled_from([0, 1, 2, 4, 6]), min_size=0, max_size=4).map(tuple)
 _settings = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -8,8 +8,10 @@ in place, is written out once in :mod:`refadamw.kernels`. Three sequences:
     x_{t+1} = (1−c_t)·x_t + c_t·z_{t+1}          (weight average, evaluated)
     y_t     = (1−β1)·z_t + β1·x_t                (where gradients are taken)
 
-with weights ``c_t = w_t/Σ_{s≤t} w_s`` and ``w_t = lr_max_t²``, ``lr_max_t``
-being the largest warmup-scaled lr seen so far. The parameter tensor holds
+with weights ``c_t = w_t/Σ_{s≤t} w_s`` and ``w_t = t^r·lr_max_t²``, ``lr_max_t``
+being the largest warmup-scaled lr seen so far and ``r`` the averaging power
+(the paper's polynomial weighting, schedulefree's ``r``; ``averaging_power``,
+default 0; a larger ``r`` weighs later iterates more, docs/defaults.md). The parameter tensor holds
 ``y`` while training and ``x`` after ``eval()``.
 
 **What is stored.** Not ``z`` but its offset from the training point,
@@ -45,15 +47,18 @@ def warmup_factor(step: torch.Tensor, warmup_steps: int) -> torch.Tensor:
 
 
 def averaging_weight(
-    lr_t: torch.Tensor, lr_max: torch.Tensor, weight_sum: torch.Tensor
+    lr_t: torch.Tensor, lr_max: torch.Tensor, weight_sum: torch.Tensor, step: torch.Tensor, power: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return ``(c_t, lr_max_t, Σw)`` after one step at scheduled lr ``lr_t``.
+    """Return ``(c_t, lr_max_t, Σw)`` after step ``t = step`` (counted from 1) at scheduled lr ``lr_t``,
+    with ``w_t = t^power·lr_max_t²``.
 
     ``c_t`` is 0 while every lr so far has been 0 (nothing to average yet). ``Σw`` may be kept in a
     wider dtype than the lrs (fp64: it grows with every step); ``c_t`` comes back in the lrs' dtype.
     """
     lr_max = torch.maximum(lr_max, lr_t)
     weight = lr_max * lr_max
+    if power != 0:  # t^0 = 1: the unweighted average, bit for bit as before the power existed
+        weight = weight * step.to(weight.dtype) ** power
     weight_sum = weight_sum + weight.to(weight_sum.dtype)
     c = torch.where(weight_sum > 0, weight / weight_sum, 0.0).to(weight.dtype)
     return c, lr_max, weight_sum

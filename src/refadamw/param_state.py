@@ -62,7 +62,7 @@ def hyper(group: Mapping[str, Any]) -> kernels.Hyper:
         lr=lr, beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
         weight_decay=group["weight_decay"], warmup_steps=group["warmup_steps"], auto_lr=group["auto_lr"],
         min_lr=group["min_lr"], max_lr=group["max_lr"], norm_ema_alpha=group["norm_ema_alpha"],
-        schedule_free=group["schedule_free"],
+        schedule_free=group["schedule_free"], averaging_power=group["averaging_power"],
     )
 
 
@@ -168,9 +168,9 @@ def checked_param_state(group, param, saved: Any, key: Any, index: int) -> dict[
 
 SEED_GROUP_KEYS = {"schedulefree_alpha": "norm_ema_alpha"}
 """Param-group keys under their seed names (checkpoints written before the rename) → today's."""
-EARLIER_GROUP_KEYS = {"lr_free": False, "lr_free_scale": 1.0}
+EARLIER_GROUP_KEYS = {"lr_free": False, "lr_free_scale": 1.0, "averaging_power": 0.0}
 """Param-group keys that checkpoints written before they existed lack, and the value that reproduces those
-runs (a fixed lr)."""
+runs (a fixed lr, the unweighted average)."""
 
 
 def rename_seed_keys(group: dict[str, Any]) -> None:

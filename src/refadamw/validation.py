@@ -115,6 +115,9 @@ def check_hyperparameters(g: Mapping[str, Any], spelled: Mapping[str, str] | Non
         check_number(f"betas[{i}]", beta, 0.0, high=1.0, high_open=True)
     check_number("eps", g["eps"], 0.0, low_open=True, finite=True)  # eps = 0 turns a zero gradient into 0/0
     check_number("weight_decay", g["weight_decay"], 0.0, finite=True)
+    if isinstance(g.get("averaging_power"), torch.Tensor):  # it picks a branch in step(): a tensor would sync
+        raise TypeError("averaging_power must be a Python number, not a tensor")
+    check_number("averaging_power", g.get("averaging_power", 0.0), 0.0, finite=True)
     check_int("warmup_steps", g["warmup_steps"], 0)
     for flag in ("auto_lr", "mini", "schedule_free"):
         check_bool(flag, g[flag])

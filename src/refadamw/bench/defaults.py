@@ -21,6 +21,7 @@ VARIANTS: dict[str, dict] = {
     "betas=(0.95, 0.999)": {"betas": (0.95, 0.999)},
     "betas=(0.9, 0.99)": {"betas": (0.9, 0.99)},
     "weight_decay=0.01": {"weight_decay": 0.01},
+    "averaging_power=1": {"averaging_power": 1.0},
     "ref_alpha=0": {"ref_alpha": 0.0},
     "ref_alpha=0.1": {"ref_alpha": 0.1},
     "ref_window=(0.1, 0.9)": {"ref_window": (0.1, 0.9)},
