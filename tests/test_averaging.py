@@ -33,6 +33,15 @@ def test_warmup_weights_are_lr_max_squared():
         torch.testing.assert_close(c, T(want, dtype=torch.float64))
 
 
+def test_the_largest_averaging_power_stays_finite_after_a_billion_steps():
+    """The weights are taken in Σw's fp64: at r = 16 (the largest allowed) t^r is 1e144 at t = 1e9, and
+    c_t is still the plain ratio (about 17/t, as for the average of t^16-weighted iterates)."""
+    lr_max, weight_sum = T(1e-3), T(1e-6 * 1e9**17 / 17, dtype=torch.float64)  # Σ_{s<t} s^16·lr² ≈ t^17/17·lr²
+    c, _, weight_sum = averaging_weight(T(1e-3), lr_max, weight_sum, T(1e9, dtype=torch.float64), 16.0)
+    assert torch.isfinite(weight_sum) and c.dtype == torch.float32
+    torch.testing.assert_close(c, T(17 / (1e9 + 17)), rtol=1e-5, atol=0)
+
+
 def test_zero_lr_gives_zero_weight_not_nan():
     c, _, _ = averaging_weight(T(0.0), T(0.0), T(0.0), T(1), 1.0)
     assert c.item() == 0.0

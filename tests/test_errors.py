@@ -166,7 +166,7 @@ CONSTRUCTOR = [
     arg("weight_decay-inf", dict(weight_decay=INF), V, "weight_decay must be finite"),
     arg("weight_decay-bool", dict(weight_decay=True), T, "weight_decay must be a real number, got bool"),
     arg("averaging_power-negative", dict(averaging_power=-1.0), V, "averaging_power must be >= 0.0, got -1.0"),
-    arg("averaging_power-inf", dict(averaging_power=INF), V, "averaging_power must be finite"),
+    arg("averaging_power-too-large", dict(averaging_power=17.0), V, "averaging_power must be <= 16.0, got 17.0"),
     arg("averaging_power-tensor", dict(averaging_power=torch.tensor(1.0)), T,
         "averaging_power must be a Python number, not a tensor", did="`averaging_power=torch.tensor(1.0)`"),
     arg("warmup_steps-negative", dict(warmup_steps=-1), V, "warmup_steps must be an int >= 0, got -1"),

@@ -11,8 +11,8 @@ in place, is written out once in :mod:`refadamw.kernels`. Three sequences:
 with weights ``c_t = w_t/Σ_{s≤t} w_s`` and ``w_t = t^r·lr_max_t²``, ``lr_max_t``
 being the largest warmup-scaled lr seen so far and ``r`` the averaging power
 (the paper's polynomial weighting, schedulefree's ``r``; ``averaging_power``,
-default 0; a larger ``r`` weighs later iterates more, docs/defaults.md). The parameter tensor holds
-``y`` while training and ``x`` after ``eval()``.
+default 0; a larger ``r`` weighs later iterates more, docs/defaults.md). The
+parameter tensor holds ``y`` while training and ``x`` after ``eval()``.
 
 **What is stored.** Not ``z`` but its offset from the training point,
 ``δ = z − y``. It starts at exactly 0 (z = x = y), so a step with a zero
@@ -57,10 +57,10 @@ def averaging_weight(
     """
     lr_max = torch.maximum(lr_max, lr_t)
     weight = lr_max * lr_max
-    if power != 0:  # t^0 = 1: the unweighted average, bit for bit as before the power existed
-        weight = weight * step.to(weight.dtype) ** power
+    if power != 0:  # in Σw's dtype, where t^power fits; with power 0 the weights are exactly as before it existed
+        weight = weight.to(weight_sum.dtype) * step.to(weight_sum.dtype) ** power
     weight_sum = weight_sum + weight.to(weight_sum.dtype)
-    c = torch.where(weight_sum > 0, weight / weight_sum, 0.0).to(weight.dtype)
+    c = torch.where(weight_sum > 0, weight / weight_sum, 0.0).to(lr_max.dtype)
     return c, lr_max, weight_sum
 
 

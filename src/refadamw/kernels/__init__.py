@@ -49,7 +49,8 @@ whatever the storage dtype.
     d      = g/denom + wd·y                                weight decay at y, where g was taken (before the pull)
     z      ← z + ρ·(x − z)                                 §3.6 repair pull, x kept (ρ = 0 unless finite)
     z      ← z − η·d                                       §3.4 Schedule-Free
-    lr_max ← max(lr_max, lr_t);   W ← W + lr_max²;   c = lr_max²/W      (c = 0 while W = 0; W in fp64)
+    lr_max ← max(lr_max, lr_t);   w = t^r·lr_max²;   W ← W + w;   c = w/W
+                                                   (c = 0 while W = 0; W in fp64; r = averaging_power)
     c      ← c + λ·(1−c);   c = 0 unless keep              §3.5 Ref injection: x ← (1−λ)·x + λ·z on top
     x      ← (1−c)·x + c·z                                 the weight average: the parameter after eval()
     y      = (1−β1)·z + β1·x                               the training point: the parameter in train mode

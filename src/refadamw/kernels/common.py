@@ -26,7 +26,7 @@ class Hyper(NamedTuple):
     max_lr: float | None
     norm_ema_alpha: float
     schedule_free: bool
-    averaging_power: float = 0.0
+    averaging_power: float
 
 
 class Control(NamedTuple):

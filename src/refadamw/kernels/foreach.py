@@ -279,7 +279,8 @@ def _step_scalars(plan: BucketPlan, norm, h: Hyper, keep, dtype, ref):
         "sqrt_bias2": (1 - h.beta2 ** step_f.clamp(min=1)).sqrt(),
     }
     if h.schedule_free:
-        c, new["lr_max"], new["weight_sum"] = averaging_weight(lr_t, old["lr_max"], old["weight_sum"], step, h.averaging_power)
+        c, new["lr_max"], new["weight_sum"] = averaging_weight(lr_t, old["lr_max"], old["weight_sum"], step,
+                                                               h.averaging_power)
         rho = None
         if ref is not None:
             lam, rho = ref

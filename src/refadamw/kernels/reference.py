@@ -73,7 +73,8 @@ def _update_one(param, grad, norm, state, layout: BlockLayout, h: Hyper, keep, f
 
     y = param.to(dtype)
     if h.schedule_free:
-        c, lr_max, weight_sum = averaging_weight(lr_t, state["lr_max"], state["weight_sum"], step, h.averaging_power)
+        c, lr_max, weight_sum = averaging_weight(lr_t, state["lr_max"], state["weight_sum"], step,
+                                                 h.averaging_power)
         rho = None
         if ref is not None:
             lam, rho = ref
