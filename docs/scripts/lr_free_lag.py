@@ -39,13 +39,14 @@ def run(job):
     return job, runner.final_val_loss(workload, "refadamw", None, seed, False, **options)
 
 
-if __name__ == "__main__":
-    seeds = [int(s) for s in sys.argv[1:]] or [0, 1]
-    labels = [*VARIANTS, "AdamW+cosine, tuned"]
+def sweep(variants, run_one, seeds):
+    """Every variant label of ``variants`` and tuned AdamW+cosine on every workload and seed, ``run_one((label,
+    workload, seed))`` giving ``((label, workload, seed), loss)``; prints each run and then the table."""
+    labels = [*variants, "AdamW+cosine, tuned"]
     jobs = [(label, w, s) for w in WORKLOADS for label in labels for s in seeds]
     losses = {}
     with Pool(int(os.environ.get("PROCS", 2)), maxtasksperchild=1) as pool:
-        for job, loss in pool.imap_unordered(run, jobs):
+        for job, loss in pool.imap_unordered(run_one, jobs):
             losses[job] = loss
             print(*job, f"{loss:.5g}", flush=True)
     mean = {(label, w): statistics.mean(losses[label, w, s] for s in seeds) for label in labels for w in WORKLOADS}
@@ -55,3 +56,7 @@ if __name__ == "__main__":
     for label in labels:
         print(f"| {label} | " + " | ".join(
             f"{mean[label, w]:.4g} ({mean[label, w] / mean['AdamW+cosine, tuned', w]:.3f})" for w in WORKLOADS) + " |")
+
+
+if __name__ == "__main__":
+    sweep(VARIANTS, run, [int(s) for s in sys.argv[1:]] or [0, 1])
