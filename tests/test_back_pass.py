@@ -73,13 +73,15 @@ def _assert_same(a, b):
 @settings(max_examples=12, deadline=None)
 @given(dtype=st.sampled_from([torch.float32, torch.bfloat16]), state_dtype=st.sampled_from(["fp32", "bf16"]),
        ref=st.booleans(), foreach=st.booleans(), fused=st.sampled_from([None, False]),
-       weight_decay=st.sampled_from([0.0, 0.1]), loop=st.sampled_from(["helper", "kohya", "onetrainer"]))
-def test_per_parameter_steps_equal_the_whole_step(dtype, state_dtype, ref, foreach, fused, weight_decay, loop):
+       weight_decay=st.sampled_from([0.0, 0.1]), loop=st.sampled_from(["helper", "kohya", "onetrainer"]),
+       averaging_power=st.sampled_from([0.0, 1.0]))
+def test_per_parameter_steps_equal_the_whole_step(dtype, state_dtype, ref, foreach, fused, weight_decay, loop,
+                                                  averaging_power):
     cls = RefAdamWMiniSF if ref else AdamWMiniSF
 
     def make(model, fused_back_pass):
         return cls(model.parameters(), lr=1e-2, warmup_steps=3, weight_decay=weight_decay, state_dtype=state_dtype,
-                   foreach=foreach, fused=fused, fused_back_pass=fused_back_pass)
+                   foreach=foreach, fused=fused, fused_back_pass=fused_back_pass, averaging_power=averaging_power)
 
     batches = _batches(8, dtype)
     whole = _train(make, batches, False, dtype=dtype)
