@@ -37,7 +37,10 @@ from torch.optim.lr_scheduler import ExponentialLR, LinearLR, ReduceLROnPlateau,
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from refadamw import AdamWMiniSF, RefAdamWMiniSF
+from refadamw.precision import LOW_PRECISION, resolve_state_dtype
 from refadamwmini_schedulefree import RefAdamWminiScheduleFree
+
+from .test_fused import assert_close_up_to_storage_rounding
 
 WRITTEN_FOR_TORCH = "2.13"
 
@@ -362,9 +365,14 @@ class TestConformance(TestCase):
                 problem, opt = _trained(optim_info, {**kwargs, **flags}, device, dtype, 7, freeze_at=3, no_grad_at=5)
                 runs[name] = problem.params, opt
             reference_params, reference = runs.pop("per-tensor")
+            rounded = resolve_state_dtype(kwargs.get("state_dtype", "auto"), dtype) in LOW_PRECISION
             for name, (params, opt) in runs.items():
                 with self.subTest(desc, path=name):
-                    self.assert_same_params(params, reference_params)
+                    if name == "fused" and rounded:  # the CPU kernel rounds where torch fuses (test_fused.py)
+                        for p, q in zip(params, reference_params, strict=True):
+                            assert_close_up_to_storage_rounding(p, q)
+                    else:
+                        self.assert_same_params(params, reference_params)
                     self.assert_same_optimizer(opt, reference)
 
     # ------------------------------------------------------------------------ state_dict

@@ -116,7 +116,7 @@ def test_named_parameters_and_groups_are_accepted(device):
     no_decay = [p for n, p in model.named_parameters() if n.endswith("bias")]
     opt = AdamWMiniSF([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "lr": 1e-2}], lr=1e-3)
     assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[0]["lr"] == 1e-3
-    assert opt.param_groups[1]["weight_decay"] == 0.0 and opt.param_groups[1]["lr"] == 1e-2
+    assert opt.param_groups[1]["weight_decay"] == 0.01 and opt.param_groups[1]["lr"] == 1e-2  # the default
     _train(model, opt, 2)
 
 

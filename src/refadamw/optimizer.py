@@ -40,8 +40,8 @@ class AdamWMiniSF(torch.optim.Optimizer):
     ``eval()`` before evaluating or saving weights and ``train()`` before
     training again. A new optimizer starts in train mode.
 
-    The defaults (``lr=None``: the lr-free step size; ``betas=(0.9, 0.999)``,
-    ``warmup_steps=20``, ``weight_decay=0``, ``averaging_power=0``, ``auto_lr=False``, bf16 state) come
+    The defaults (``lr=None``: the lr-free step size; ``betas=(0.92, 0.999)``,
+    ``warmup_steps=20``, ``weight_decay=0.01``, ``averaging_power=0``, ``auto_lr=False``, bf16 state) come
     from ``refadamw bench`` (docs/lr_free.md, docs/defaults.md, BENCHMARKS.md).
 
     Args:
@@ -93,8 +93,8 @@ class AdamWMiniSF(torch.optim.Optimizer):
             :func:`refadamw.fused_backward`).
     """
 
-    def __init__(self, params: Iterable[Any], lr: float | None = None, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, warmup_steps: int = 20, auto_lr: bool = False,
+    def __init__(self, params: Iterable[Any], lr: float | None = None, betas: tuple[float, float] = (0.92, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.01, warmup_steps: int = 20, auto_lr: bool = False,
                  min_lr: float | None = None, max_lr: float | None = None, norm_ema_alpha: float = 0.05,
                  mini: bool = True, schedule_free: bool = True, state_dtype: str | torch.dtype = AUTO,
                  block_rows: int = 1, foreach: bool | None = None, fused: bool | None = None, seed: int = 0,
