@@ -190,7 +190,7 @@ def test_first_step_computes_state_directly_without_zero_fill(monkeypatch):
     weight = model[0].weight
     m = opt.state[weight]["exp_avg"].float()
     beta1 = opt.param_groups[0]["betas"][0]
-    torch.testing.assert_close(m, (1 - beta1) * weight.grad, rtol=2**-7, atol=0)  # m = (1−β1)·g, no lerp from garbage
+    torch.testing.assert_close(m, (1 - beta1) * weight.grad, rtol=2**-7, atol=0)  # m = (1−β1)·g, not from garbage
 
 
 @pytest.mark.parametrize("state_dtype", ["bf16", "fp16"])

@@ -69,7 +69,8 @@ def test_scripted_decisions_match_the_float64_reference(foreach, schedule_free):
     params = [torch.nn.Parameter(v.clone()) for v in values]
     spec = [SpecParam(y=v.clone()) for v in values]
     opt = RefAdamWMiniSF(params, lr=hp.lr, betas=(hp.beta1, hp.beta2), weight_decay=hp.weight_decay,
-                         warmup_steps=hp.warmup_steps, schedule_free=schedule_free, foreach=foreach, total_steps=len(SCRIPT))
+                         warmup_steps=hp.warmup_steps, schedule_free=schedule_free, foreach=foreach,
+                         total_steps=len(SCRIPT))
     script = iter(SCRIPT)
 
     def scripted(grad_norm, max_steps=None):
