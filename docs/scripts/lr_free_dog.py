@@ -15,7 +15,7 @@ Run: PYTHONPATH=src python docs/scripts/lr_free_dog.py 0 1   (the seeds; about 1
 import os
 import sys
 
-from lr_free_lag import COSINE_LR, sweep
+from lr_free_lag import THEN, sweep
 
 VARIANTS = {"DoG (c = 1)": 1.0, "DoG × 4 (c = 4)": 4.0}
 
@@ -56,15 +56,10 @@ def use_dog(c: float) -> None:
 def run(job):
     label, workload, seed = job
     os.environ["REFADAMW_COMPILE"] = "0"
-    import torch
-
-    torch.set_num_threads(1)
     from refadamw.bench import runner
 
-    if label == "AdamW+cosine, tuned":
-        return job, runner.final_val_loss(workload, "adamw_cosine", COSINE_LR[workload], seed, False)
     use_dog(VARIANTS[label])
-    return job, runner.final_val_loss(workload, "refadamw", None, seed, False)
+    return runner.final_val_loss(workload, "refadamw", None, seed, False, **THEN)
 
 
 if __name__ == "__main__":

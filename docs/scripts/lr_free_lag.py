@@ -7,6 +7,7 @@ constants are module globals), two at a time, one thread each.
 Run: PYTHONPATH=src python docs/scripts/lr_free_lag.py 0 1 2 3   (the seeds; about 10 minutes on 2 cores;
 PROCS=1 runs one at a time)
 """
+import functools
 import json
 import os
 import statistics
@@ -14,7 +15,9 @@ import sys
 from multiprocessing import Pool
 from pathlib import Path
 
-VARIANTS = {  # label → (STEP_FRACTION, LAG_STEPS, options of RefAdamWMiniSF)
+THEN = {"betas": (0.9, 0.999), "weight_decay": 0.0}
+"""The defaults when the tables of docs/lr_free.md were measured (β1 and weight decay changed since)."""
+VARIANTS = {  # label → (STEP_FRACTION, LAG_STEPS, options of RefAdamWMiniSF on top of THEN)
     "0.5·d, no lag (before)": (0.5, 1, {}),
     "0.7·d̄, lag 50": (0.7, 50, {}),
     "0.85·d̄, lag 50 (now)": (0.85, 50, {}),
@@ -25,28 +28,39 @@ COSINE_LR = {s["workload"]: s["lr"] for s in json.loads(Path("docs/bench/results
 """AdamW+cosine's best lr per workload in the full bench's docs/bench/results.json."""
 
 
+COSINE = "AdamW+cosine, tuned"
+
+
 def run(job):
     label, workload, seed = job
-    import torch
-
-    torch.set_num_threads(1)
     from refadamw import lr_free
     from refadamw.bench import runner
 
-    if label == "AdamW+cosine, tuned":
-        return job, runner.final_val_loss(workload, "adamw_cosine", COSINE_LR[workload], seed, False)
     lr_free.STEP_FRACTION, lr_free.LAG_STEPS, options = VARIANTS[label]
-    return job, runner.final_val_loss(workload, "refadamw", None, seed, False, **options)
+    return runner.final_val_loss(workload, "refadamw", None, seed, False, **THEN, **options)
+
+
+def _run_job(run_variant, job):
+    """One job in its own process, one thread: tuned AdamW+cosine, or ``run_variant(job)``'s loss."""
+    import torch
+
+    torch.set_num_threads(1)
+    label, workload, seed = job
+    if label != COSINE:
+        return job, run_variant(job)
+    from refadamw.bench import runner
+
+    return job, runner.final_val_loss(workload, "adamw_cosine", COSINE_LR[workload], seed, False)
 
 
 def sweep(variants, run_one, seeds):
     """Every variant label of ``variants`` and tuned AdamW+cosine on every workload and seed, ``run_one((label,
-    workload, seed))`` giving ``((label, workload, seed), loss)``; prints each run and then the table."""
-    labels = [*variants, "AdamW+cosine, tuned"]
+    workload, seed))`` giving a variant's loss; prints each run and then the table."""
+    labels = [*variants, COSINE]
     jobs = [(label, w, s) for w in WORKLOADS for label in labels for s in seeds]
     losses = {}
     with Pool(int(os.environ.get("PROCS", 2)), maxtasksperchild=1) as pool:
-        for job, loss in pool.imap_unordered(run_one, jobs):
+        for job, loss in pool.imap_unordered(functools.partial(_run_job, run_one), jobs):
             losses[job] = loss
             print(*job, f"{loss:.5g}", flush=True)
     mean = {(label, w): statistics.mean(losses[label, w, s] for s in seeds) for label in labels for w in WORKLOADS}
@@ -55,7 +69,7 @@ def sweep(variants, run_one, seeds):
     print("|---" * (len(WORKLOADS) + 1) + "|")
     for label in labels:
         print(f"| {label} | " + " | ".join(
-            f"{mean[label, w]:.4g} ({mean[label, w] / mean['AdamW+cosine, tuned', w]:.3f})" for w in WORKLOADS) + " |")
+            f"{mean[label, w]:.4g} ({mean[label, w] / mean[COSINE, w]:.3f})" for w in WORKLOADS) + " |")
 
 
 if __name__ == "__main__":
