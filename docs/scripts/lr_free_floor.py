@@ -1,0 +1,47 @@
+"""The lag only above a floor (docs/lr_free.md): the LoRA fine-tune's gap to tuned AdamW+cosine is the ~100
+steps the estimate takes to rise from D0 = 1e-6, and the lag slows that rise (the estimate grows with the
+distance the iterate moves, which the lagged step shortens). Steps far below any lr one would tune need no
+lag, so here the step follows d at once while d ≤ FLOOR, and with the 50-step lag, starting from FLOOR, above
+it. An exploration: refadamw.lr_free.advance is wrapped in each run's process; the library is unchanged.
+Ours at lr=None, evaluated at the end of each run.
+
+Run: PYTHONPATH=src python docs/scripts/lr_free_floor.py 0 1 2 3   (the seeds; about 10 minutes on 2 cores)
+     PYTHONPATH=src python docs/scripts/lr_free_floor.py shakespeare_long 0 1   (named workloads, no AdamW+cosine
+     for a workload the full bench did not tune)
+"""
+import sys
+
+from lr_free_lag import WORKLOADS, sweep
+
+VARIANTS = {"defaults (lag from D0)": None, "no lag below 1e-4 (100·D0)": 1e-4}
+
+
+def lag_above(floor: float) -> None:
+    import torch
+
+    from refadamw import lr_free
+
+    advance = lr_free.advance
+
+    def advance_lagged_above_floor(stats, dots, l1, applied, a, beta3):
+        advance(stats, dots, l1, applied, a, beta3)
+        d, lagged = stats["lr_free_d"], stats["lr_free_d_lagged"]
+        above = torch.maximum(lagged, torch.minimum(d, torch.full_like(d, floor)))
+        lagged.copy_(torch.where(d <= floor, d, above))
+
+    lr_free.advance = advance_lagged_above_floor
+
+
+def run(job):
+    label, workload, seed = job
+    from refadamw.bench import runner
+
+    if VARIANTS[label] is not None:
+        lag_above(VARIANTS[label])
+    return runner.final_val_loss(workload, "refadamw", None, seed, False)
+
+
+if __name__ == "__main__":
+    named = sys.argv[1:2] and not sys.argv[1].isdigit()
+    sweep(VARIANTS, run, [int(s) for s in sys.argv[1 + named:]] or [0, 1],
+          sys.argv[1].split(",") if named else WORKLOADS)
