@@ -75,9 +75,15 @@ def _train_lockstep(fused_settings, *, seed=0, param_dtype=torch.float32, state_
     return runs
 
 
+def _assert_rare(differ: torch.Tensor) -> None:
+    """At most 1% of a tensor's elements differ, and always one may: in a 96-element bias a single element
+    rounded to the neighbouring value is already 1.04% (seen on a CPU whose torch kernels fuse differently)."""
+    assert differ.sum() <= max(1, 0.01 * differ.numel())
+
+
 def _assert_rounding_close(a: torch.Tensor, b: torch.Tensor) -> None:
     """Low-precision storage: rare values one or two spacings apart, measured at the tensor's scale."""
-    assert (a != b).float().mean() < 0.01
+    _assert_rare(a != b)
     scale = torch.finfo(a.dtype).eps * a.float().abs().max()
     assert (a.float() - b.float()).abs().max() <= 4 * scale
 
@@ -93,8 +99,7 @@ def assert_close_up_to_storage_rounding(a: torch.Tensor, b: torch.Tensor) -> Non
     """Two paths' parameters with bf16/fp16 state: an fp32 value differing in its last bit may round to
     the neighbouring low-precision value, which then moves the parameter by about that spacing, rarely
     (torch's ``add(alpha=)`` and ``addcmul`` fuse a multiply-add where the CPU kernel rounds twice)."""
-    close = torch.isclose(a.float(), b.float(), rtol=2e-6, atol=1e-7)
-    assert close.float().mean() > 0.99
+    _assert_rare(~torch.isclose(a.float(), b.float(), rtol=2e-6, atol=1e-7))
     torch.testing.assert_close(a.float(), b.float(), rtol=2e-3, atol=1e-5)
 
 
