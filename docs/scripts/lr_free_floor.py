@@ -5,15 +5,19 @@ lag, so here the step follows d at once while d ≤ FLOOR, and with the 50-step 
 it. An exploration: refadamw.lr_free.advance is wrapped in each run's process; the library is unchanged.
 Ours at lr=None, evaluated at the end of each run.
 
-Run: PYTHONPATH=src python docs/scripts/lr_free_floor.py 0 1 2 3   (the seeds; about 10 minutes on 2 cores)
+Run: PYTHONPATH=src python docs/scripts/lr_free_floor.py 0 1 2 3   (the seeds; about 10 minutes on 2 cores;
+     FLOORS=1e-5,1e-3 runs other floors)
      PYTHONPATH=src python docs/scripts/lr_free_floor.py shakespeare_long 0 1   (named workloads, no AdamW+cosine
      for a workload the full bench did not tune)
 """
+import os
 import sys
 
 from lr_free_lag import WORKLOADS, sweep
 
-VARIANTS = {"defaults (lag from D0)": None, "no lag below 1e-4 (100·D0)": 1e-4}
+FLOORS = [float(f) for f in os.environ.get("FLOORS", "1e-4").split(",")]
+"""The floors to run (``FLOORS=1e-5,1e-4,1e-3``), each against the defaults."""
+VARIANTS = {"defaults (lag from D0)": None, **{f"no lag below {floor:g}": floor for floor in FLOORS}}
 
 
 def lag_above(floor: float) -> None:

@@ -32,8 +32,6 @@ def tuned_lr(optimizer: str) -> dict[str, float]:
 
 
 COSINE_LR = tuned_lr("adamw_cosine")
-
-
 COSINE = "AdamW+cosine, tuned"
 
 
@@ -91,6 +89,7 @@ def sweep(variants, run_one, seeds, workloads=WORKLOADS):
     for label in labels:
         print(f"| {label} | " + " | ".join(cell(label, w) for w in workloads) + " |")
     return losses
+
 
 if __name__ == "__main__":
     sweep(VARIANTS, run, [int(s) for s in sys.argv[1:]] or [0, 1])
