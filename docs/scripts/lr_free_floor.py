@@ -3,6 +3,7 @@ steps the estimate takes to rise from D0 = 1e-6, and the lag slows that rise (th
 distance the iterate moves, which the lagged step shortens). Steps far below any lr one would tune need no
 lag, so here the step follows d at once while d ≤ FLOOR, and with the 50-step lag, starting from FLOOR, above
 it. An exploration: refadamw.lr_free.advance is wrapped in each run's process; the library is unchanged.
+It closes the LoRA gap but fails a rescaled run (lr_free_scaled.py), so it was not taken.
 Ours at lr=None, evaluated at the end of each run.
 
 Run: PYTHONPATH=src python docs/scripts/lr_free_floor.py 0 1 2 3   (the seeds; about 10 minutes on 2 cores;
