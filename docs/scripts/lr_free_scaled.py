@@ -33,7 +33,6 @@ class Scaled(nn.Module):
 def run(job):
     workload, k, seed, floor = job
     torch.set_num_threads(1)
-    from refadamw import lr_free
     from refadamw.bench import runner
     from refadamw.bench.optimizers import build
 
