@@ -7,7 +7,7 @@ It closes the LoRA gap but fails a rescaled run (lr_free_scaled.py), so it was n
 Ours at lr=None, evaluated at the end of each run.
 
 Run: PYTHONPATH=src python docs/scripts/lr_free_floor.py 0 1 2 3   (the seeds; about 10 minutes on 2 cores;
-     FLOORS=1e-5,1e-3 runs other floors)
+     FLOORS=1e-5,1e-3 runs other floors; RELATIVE=1 reads them as fractions of the weights' RMS)
      PYTHONPATH=src python docs/scripts/lr_free_floor.py shakespeare_long 0 1   (named workloads, no AdamW+cosine
      for a workload the full bench did not tune)
 """
@@ -18,23 +18,34 @@ from lr_free_lag import WORKLOADS, sweep
 
 FLOORS = [float(f) for f in os.environ.get("FLOORS", "1e-4").split(",")]
 """The floors to run (``FLOORS=1e-5,1e-4,1e-3``), each against the defaults."""
-VARIANTS = {"defaults (lag from D0)": None, **{f"no lag below {floor:g}": floor for floor in FLOORS}}
+RELATIVE = os.environ.get("RELATIVE") == "1"
+"""``RELATIVE=1``: each floor is a fraction of the RMS of the sampled initial weights (all tensors pooled:
+the bench gives ours one param group), so that it scales with the weights, as the estimate does."""
+VARIANTS = {"defaults (lag from D0)": None,
+            **{f"no lag below {floor:g}{'·rms(x0)' if RELATIVE else ''}": floor for floor in FLOORS}}
 
 
-def lag_above(floor: float) -> None:
+def lag_above(floor: float, relative: bool = False) -> None:
     import torch
 
     from refadamw import lr_free
 
-    advance = lr_free.advance
+    advance, init_state = lr_free.advance, lr_free.init_state
+    anchors = []
+
+    def init_state_kept(shard):
+        state = init_state(shard)
+        anchors.append(state["lr_free_anchor"])
+        return state
 
     def advance_lagged_above_floor(stats, dots, l1, applied, a, beta3):
         advance(stats, dots, l1, applied, a, beta3)
         d, lagged = stats["lr_free_d"], stats["lr_free_d_lagged"]
-        above = torch.maximum(lagged, torch.minimum(d, torch.full_like(d, floor)))
-        lagged.copy_(torch.where(d <= floor, d, above))
+        at = floor * torch.cat(anchors).square().mean().sqrt() if relative else torch.full_like(d, floor)
+        above = torch.maximum(lagged, torch.minimum(d, at))
+        lagged.copy_(torch.where(d <= at, d, above))
 
-    lr_free.advance = advance_lagged_above_floor
+    lr_free.advance, lr_free.init_state = advance_lagged_above_floor, init_state_kept
 
 
 def run(job):
@@ -42,7 +53,7 @@ def run(job):
     from refadamw.bench import runner
 
     if VARIANTS[label] is not None:
-        lag_above(VARIANTS[label])
+        lag_above(VARIANTS[label], RELATIVE)
     return runner.final_val_loss(workload, "refadamw", None, seed, False)
 
 

@@ -5,7 +5,8 @@ weight decay (lr·λ per step shrinks by k too) and Adam's ε. With k = 1000 Sha
 at 1.4–2.1e-5, below the 1e-4 floor of lr_free_floor.py, so that variant runs it with no lag at all: the
 setting the lag was built for. Ours at lr=None, the defaults against the floor; evaluated at the end.
 
-Run: PYTHONPATH=src python docs/scripts/lr_free_scaled.py shakespeare 1000 0 1   (workload, k, seeds)
+Run: PYTHONPATH=src python docs/scripts/lr_free_scaled.py shakespeare 1000 0 1   (workload, k, seeds; FLOORS and
+     RELATIVE as in lr_free_floor.py)
 """
 import os
 import sys
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lr_free_floor import lag_above
+from lr_free_floor import FLOORS, RELATIVE, lag_above
 
 
 class Scaled(nn.Module):
@@ -37,7 +38,7 @@ def run(job):
     from refadamw.bench.optimizers import build
 
     if floor is not None:
-        lag_above(floor)
+        lag_above(floor, RELATIVE)
     task = runner.make_task(workload, seed, False)
     for module in list(task.model.modules()):
         for name, p in list(module.named_parameters(recurse=False)):
@@ -50,8 +51,8 @@ def run(job):
 
 if __name__ == "__main__":
     workload, k, seeds = sys.argv[1], float(sys.argv[2]), [int(s) for s in sys.argv[3:]] or [0, 1]
-    jobs = [(workload, k, s, floor) for floor in (None, 1e-4) for s in seeds]
+    jobs = [(workload, k, s, floor) for floor in (None, *FLOORS) for s in seeds]
     with Pool(int(os.environ.get("PROCS", 2)), maxtasksperchild=1) as pool:
         for (w, k, s, floor), loss, d in pool.imap_unordered(run, jobs):
-            label = "defaults (lag from D0)" if floor is None else f"no lag below {floor:g}"
+            label = "defaults (lag from D0)" if floor is None else f"no lag below {floor:g}{'·rms(x0)' if RELATIVE else ''}"
             print(f"{w} k={k:g} seed {s} {label}: final validation loss {loss:.5g}, estimate d {d:.3g}", flush=True)
