@@ -21,8 +21,13 @@ FLOORS = [float(f) for f in os.environ.get("FLOORS", "1e-4").split(",")]
 RELATIVE = os.environ.get("RELATIVE") == "1"
 """``RELATIVE=1``: each floor is a fraction of the RMS of the sampled initial weights (all tensors pooled:
 the bench gives ours one param group), so that it scales with the weights, as the estimate does."""
-VARIANTS = {"defaults (lag from D0)": None,
-            **{f"no lag below {floor:g}{'·rms(x0)' if RELATIVE else ''}": floor for floor in FLOORS}}
+
+
+def floor_label(floor: float | None) -> str:
+    return "defaults (lag from D0)" if floor is None else f"no lag below {floor:g}{'·rms(x0)' if RELATIVE else ''}"
+
+
+VARIANTS = {floor_label(floor): floor for floor in (None, *FLOORS)}
 
 
 def lag_above(floor: float, relative: bool = False) -> None:
@@ -31,7 +36,7 @@ def lag_above(floor: float, relative: bool = False) -> None:
     from refadamw import lr_free
 
     advance, init_state = lr_free.advance, lr_free.init_state
-    anchors = []
+    anchors, at = [], []  # the anchors seen at the first step; the floor, computed once from them
 
     def init_state_kept(shard):
         state = init_state(shard)
@@ -41,9 +46,10 @@ def lag_above(floor: float, relative: bool = False) -> None:
     def advance_lagged_above_floor(stats, dots, l1, applied, a, beta3):
         advance(stats, dots, l1, applied, a, beta3)
         d, lagged = stats["lr_free_d"], stats["lr_free_d_lagged"]
-        at = floor * torch.cat(anchors).square().mean().sqrt() if relative else torch.full_like(d, floor)
-        above = torch.maximum(lagged, torch.minimum(d, at))
-        lagged.copy_(torch.where(d <= at, d, above))
+        if not at:
+            at.append(floor * torch.cat(anchors).square().mean().sqrt() if relative else torch.full_like(d, floor))
+        above = torch.maximum(lagged, torch.minimum(d, at[0]))
+        lagged.copy_(torch.where(d <= at[0], d, above))
 
     lr_free.advance, lr_free.init_state = advance_lagged_above_floor, init_state_kept
 

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lr_free_floor import FLOORS, RELATIVE, lag_above
+from lr_free_floor import FLOORS, RELATIVE, floor_label, lag_above
+from lr_free_trace import train_ours
 
 
 class Scaled(nn.Module):
@@ -35,7 +36,6 @@ def run(job):
     workload, k, seed, floor = job
     torch.set_num_threads(1)
     from refadamw.bench import runner
-    from refadamw.bench.optimizers import build
 
     if floor is not None:
         lag_above(floor, RELATIVE)
@@ -43,9 +43,8 @@ def run(job):
     for module in list(task.model.modules()):
         for name, p in list(module.named_parameters(recurse=False)):
             parametrize.register_parametrization(module, name, Scaled(k))
-    make, schedule = build("refadamw", None, task.steps, info=task.info)
     built = []
-    result = runner.train(task, lambda model: built.append(make(model)) or built[-1], schedule=schedule, eval_every=0)
+    result = train_ours(task, None, built=built)
     return job, result.final_val_loss, float(built[0].param_groups[0]["stats"]["lr_free_d"])
 
 
@@ -54,5 +53,4 @@ if __name__ == "__main__":
     jobs = [(workload, k, s, floor) for floor in (None, *FLOORS) for s in seeds]
     with Pool(int(os.environ.get("PROCS", 2)), maxtasksperchild=1) as pool:
         for (w, k, s, floor), loss, d in pool.imap_unordered(run, jobs):
-            label = "defaults (lag from D0)" if floor is None else f"no lag below {floor:g}{'·rms(x0)' if RELATIVE else ''}"
-            print(f"{w} k={k:g} seed {s} {label}: final validation loss {loss:.5g}, estimate d {d:.3g}", flush=True)
+            print(f"{w} k={k:g} seed {s} {floor_label(floor)}: final validation loss {loss:.5g}, estimate d {d:.3g}", flush=True)

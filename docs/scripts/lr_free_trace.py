@@ -15,18 +15,24 @@ from refadamw.bench.optimizers import build
 SHOWN = (10, 20, 40, 60, 80, 100, 125, 150, 200, 300, 400, 500, 600, 800, 1000, 1200)
 
 
+def train_ours(task, lr: float | None, on_step=None, built=None):
+    """Ours on ``task`` at ``lr`` (None: lr-free), evaluated at the end, as ``runner.final_val_loss`` runs it;
+    the optimizer is appended to ``built``, so that it can be read during and after the run."""
+    make, schedule = build("refadamw", lr, task.steps, info=task.info)
+    built = [] if built is None else built
+    return runner.train(task, lambda model: built.append(make(model)) or built[-1], schedule=schedule,
+                        eval_every=0, on_step=on_step)
+
+
 def trace(workload: str, seed: int, lr: float | None) -> None:
     torch.set_num_threads(1)
-    task = runner.make_task(workload, seed, False)
-    make, schedule = build("refadamw", lr, task.steps, info=task.info)
     built, shown = [], []
 
     def on_step(step, loss):
         if lr is None and step in SHOWN:
             shown.append((step, float(built[0].param_groups[0]["lr"])))
 
-    result = runner.train(task, lambda model: built.append(make(model)) or built[-1], schedule=schedule,
-                          eval_every=0, on_step=on_step)
+    result = train_ours(runner.make_task(workload, seed, False), lr, on_step, built)
     for step, value in shown:
         print(f"step {step}: step size {value:.3g}")
     print(f"{workload} seed {seed} lr {lr}: final validation loss {result.final_val_loss:.5g}")
