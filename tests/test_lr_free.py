@@ -159,6 +159,31 @@ def test_lr_free_true_warns_that_a_passed_lr_is_unused():
         AdamWMiniSF(_model().parameters(), lr=None)
 
 
+def test_averaging_power_defaults_to_one_lr_free_and_zero_with_a_fixed_lr():
+    """``averaging_power=None`` (the default) is settled per group by its mode; a given value is kept, and the
+    lr-free default trains exactly as ``averaging_power=1`` does, not as 0."""
+    a, b = _model(0), _model(5, width=8)
+    opt = AdamWMiniSF([{"params": a.parameters()}, {"params": b.parameters(), "lr": 1e-3}], lr=None)
+    assert [g["averaging_power"] for g in opt.param_groups] == [lr_free.AVERAGING_POWER, 0.0] == [1.0, 0.0]
+    assert AdamWMiniSF(_model().parameters(), lr=None, averaging_power=0.0).param_groups[0]["averaging_power"] == 0.0
+    assert AdamWMiniSF(_model().parameters(), lr=1e-3, averaging_power=2.0).param_groups[0]["averaging_power"] == 2.0
+    x, y = _data()
+
+    def averaged(**options):
+        model = _model()
+        opt = AdamWMiniSF(model.parameters(), lr=None, warmup_steps=3, **options)
+        for _ in range(30):
+            opt.zero_grad()
+            _loss(model, x, y).backward()
+            opt.step()
+        with opt.averaged():
+            return [p.detach().clone() for p in model.parameters()]
+
+    default, one, zero = averaged(), averaged(averaging_power=1.0), averaged(averaging_power=0.0)
+    assert all(torch.equal(p, q) for p, q in zip(default, one))
+    assert not all(torch.equal(p, q) for p, q in zip(default, zero))
+
+
 def test_state_is_under_a_tenth_of_a_byte_per_parameter():
     model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 256))
     opt = AdamWMiniSF(model.parameters(), lr=None)

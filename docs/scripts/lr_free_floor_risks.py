@@ -9,6 +9,8 @@ Variants (each run evaluated at the end; prints its loss and each lr-free group'
 ``defaults``; ``relative floor F`` (no lag while d ≤ F·RMS of the group's sampled initial weights, or of
 their spread about each tensor's mean with ``SPREAD=1``, each group its own; FLOORS lists the F);
 ``same decay`` (the two groups with the default weight decay alike, so only the estimate is split);
+``no repair`` (the defaults with ``repair=False``); ``averaging_power=1`` (the average weighting each iterate by
+its step size);
 ``fixed LR`` (ours at that lr in every group); and bench optimizers as they are: ``adamw_cosine@LR``,
 ``refadamw@LR``, ``prodigy_sf``. The floor wraps refadamw.lr_free.advance in the run's process; a library
 implementation of the spread floor is on the branch ``lr-free-floor``.
@@ -32,7 +34,7 @@ LRS = {"shakespeare_hf_groups": [3e-3, 1e-2], "full_finetune": [1e-4, 3e-4, 1e-3
 """AdamW+cosine's grid per workload (``COSINE=0`` runs none; ``DEFAULTS=0`` leaves out ours at the defaults)."""
 if os.environ.get("COSINE") == "0":
     LRS = {}
-PEERS = ("adamw_cosine", "refadamw", "prodigy_sf")
+PEERS = ("adamw_cosine", "refadamw", "prodigy_sf", "schedulefree")
 """Runs that take an optimizer of the bench as it is: ``name@lr`` at a fixed lr, ``name`` at its default."""
 WORKLOADS = os.environ.get("WORKLOADS", "shakespeare_hf_groups,full_finetune").split(",")
 
@@ -79,7 +81,8 @@ def run(job):
         name, _, lr = variant.partition("@")
         make_opt, schedule = build(name, float(lr) if lr else None, task.steps)
         return job, runner.train(task, make_opt, schedule=schedule, eval_every=0).final_val_loss, []
-    # "defaults", "same decay" (the groups' weight decay alike), "fixed 0.01" (that lr in every group), or a floor
+    # "defaults", "same decay" (the groups' weight decay alike), "no repair" (repair=False), "averaging_power=1",
+    # "fixed 0.01" (that lr in every group), or a floor
     floor = float(variant.split()[-1]) if "floor" in variant else None
     lr = float(variant.split()[-1]) if variant.startswith("fixed") else None
     if floor is not None:
@@ -93,19 +96,19 @@ def run(job):
         lr_free.advance = advance_lagged_above_floor
 
     def make_ours(model):
-        opt = RefAdamWMiniSF(groups(model, workload, variant == "same decay"), lr=lr, total_steps=task.steps)
-        for group in opt.param_groups:
+        opt = RefAdamWMiniSF(groups(model, workload, variant == "same decay"), lr=lr, total_steps=task.steps,
+                             repair=variant != "no repair", averaging_power=float(variant == "averaging_power=1"))
+        for group in opt.param_groups if floor is not None else ():
             samples = [lr_free.sampled(p.detach()) for p in group["params"]]
             if SPREAD:
                 samples = [s - s.mean() for s in samples]
-            scale = torch.cat(samples).square().mean().sqrt()
-            group["stats"]["floor"] = floor * scale if floor is not None else None
+            group["stats"]["floor"] = floor * torch.cat(samples).square().mean().sqrt()
         built.append(opt)
         return opt
 
     loss = runner.train(task, make_ours, eval_every=0).final_val_loss
     # plain floats: a tensor sent back through the pool cannot be rebuilt in the parent, which then waits forever
-    info = [(float(g["stats"]["lr_free_d"]), None if g["stats"]["floor"] is None else float(g["stats"]["floor"]))
+    info = [(float(g["stats"]["lr_free_d"]), float(g["stats"]["floor"]) if "floor" in g["stats"] else None)
             for g in built[0].param_groups if g["lr_free"]]
     return job, loss, info
 

@@ -41,7 +41,8 @@ class AdamWMiniSF(torch.optim.Optimizer):
     training again. A new optimizer starts in train mode.
 
     The defaults (``lr=None``: the lr-free step size; ``betas=(0.92, 0.999)``,
-    ``warmup_steps=20``, ``weight_decay=0.01``, ``averaging_power=0``, ``auto_lr=False``, bf16 state) come
+    ``warmup_steps=20``, ``weight_decay=0.01``, ``averaging_power`` 1 lr-free and 0 with a fixed lr,
+    ``auto_lr=False``, bf16 state) come
     from ``refadamw bench`` (docs/lr_free.md, docs/defaults.md, BENCHMARKS.md).
 
     Args:
@@ -58,8 +59,9 @@ class AdamWMiniSF(torch.optim.Optimizer):
         weight_decay: decoupled weight decay, applied at ``y``.
         warmup_steps: linear lr warmup length, in steps.
         averaging_power: ``r`` in the Schedule-Free weights ``w_t = t^r·lr_max_t²``
-            (:mod:`refadamw.averaging`; schedulefree's ``r``): 0 (default) is the lr²-weighted
-            average, and a larger ``r`` weighs later iterates more (docs/defaults.md).
+            (:mod:`refadamw.averaging`; schedulefree's ``r``): 0 is the lr²-weighted average, and a
+            larger ``r`` weighs later iterates more. ``None`` (default): 1 in an lr-free group
+            (:data:`refadamw.lr_free.AVERAGING_POWER`), 0 with a fixed lr (docs/defaults.md).
         auto_lr: scale each tensor's step by its gradient-norm EMA ratio.
         min_lr, max_lr: bounds on the auto-lr step; ``None`` means
             relative to the scheduled lr (see :mod:`refadamw.auto_lr`).
@@ -99,7 +101,7 @@ class AdamWMiniSF(torch.optim.Optimizer):
                  mini: bool = True, schedule_free: bool = True, state_dtype: str | torch.dtype = AUTO,
                  block_rows: int = 1, foreach: bool | None = None, fused: bool | None = None, seed: int = 0,
                  controller: RefController | None = None, *, lr_free: bool | None = None,
-                 lr_free_scale: float = 1.0, averaging_power: float = 0.0, fused_back_pass: bool = False,
+                 lr_free_scale: float = 1.0, averaging_power: float | None = None, fused_back_pass: bool = False,
                  schedulefree_alpha: float = NOT_GIVEN) -> None:
         self.seed = check_seed(seed)
         self.fused_back_pass = check_bool("fused_back_pass", fused_back_pass)

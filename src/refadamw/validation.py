@@ -118,7 +118,8 @@ def check_hyperparameters(g: Mapping[str, Any], spelled: Mapping[str, str] | Non
     if isinstance(g.get("averaging_power"), torch.Tensor):  # it picks a branch in step(): a tensor would sync
         raise TypeError("averaging_power must be a Python number, not a tensor")
     # t^r overflows fp64 past r ≈ 34 within a billion steps; r = 16 already averages only the last t/17 or so
-    check_number("averaging_power", g.get("averaging_power", 0.0), 0.0, high=16.0)
+    if g.get("averaging_power") is not None:  # None: settled by the group's mode (refadamw.lr_free.resolve_mode)
+        check_number("averaging_power", g["averaging_power"], 0.0, high=16.0)
     check_int("warmup_steps", g["warmup_steps"], 0)
     for flag in ("auto_lr", "mini", "schedule_free"):
         check_bool(flag, g[flag])
