@@ -113,6 +113,43 @@ def test_render_refuses_what_is_not_a_main_results_file(tmp_path, capsys):
     assert "not a main-suite results.json" in capsys.readouterr().err
 
 
+def test_render_merges_a_rerun_of_some_optimizers_into_an_earlier_run(small_timing, tmp_path, monkeypatch, capsys):
+    """``--render base.json,update.json``: the update's optimizers replace their rows (ours re-run with a
+    different step fraction here), the others stay, and every ratio is taken against the merged AdamW+cosine."""
+    base, update, merged = tmp_path / "base", tmp_path / "update", tmp_path / "merged"
+    run = ["bench", "--quick", "--workloads", "friedman"]
+    assert cli.main(run + ["--optimizers", "refadamw,adamw_cosine,schedulefree", "--out", str(base)]) == 0
+    from refadamw import lr_free
+
+    monkeypatch.setattr(lr_free, "STEP_FRACTION", 0.5)
+    assert cli.main(run + ["--optimizers", "refadamw,adamw_cosine", "--out", str(update)]) == 0
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- bench:start -->\nold\n<!-- bench:end -->\n")
+    assert cli.main(["bench", "--render", f"{base / 'results.json'},{update / 'results.json'}", "--out", str(merged),
+                     "--readme", str(readme)]) == 0
+    old, new, both = (json.loads((d / "results.json").read_text()) for d in (base, update, merged))
+
+    def rows(data, key, optimizer):
+        return [r for r in data[key] if r["optimizer"] == optimizer]
+
+    assert rows(both, "summary", "refadamw") == rows(new, "summary", "refadamw") != rows(old, "summary", "refadamw")
+    assert rows(both, "runs", "refadamw_lr_free") == rows(new, "runs", "refadamw_lr_free")
+    assert rows(both, "spike", "schedulefree") == rows(old, "spike", "schedulefree")
+    assert [(r["optimizer"], r["clip"]) for r in both["spike"]] == list(main.SPIKED)
+    cosine = rows(both, "summary", "adamw_cosine")[0]["mean"]
+    for row in both["summary"]:
+        assert row["ratio_vs_adamw_cosine"] == pytest.approx(row["mean"] / cosine)
+    assert both["step_time"] == old["step_time"] and both["optimizers"] == old["optimizers"]
+    assert set(both["curves"]["friedman"]) == set(old["curves"]["friedman"])
+    assert both["merged"] == [{"file": str(update / "results.json"), "optimizers": ["refadamw", "adamw_cosine"],
+                               "workloads": ["friedman"]}]
+    assert "are from a later run" in (merged / "results.md").read_text() and "old" not in readme.read_text()
+    other_seeds = dict(new, seeds=[0, 1])
+    (tmp_path / "seeds.json").write_text(json.dumps(other_seeds))
+    assert cli.main(["bench", "--render", f"{base / 'results.json'},{tmp_path / 'seeds.json'}"]) == 1
+    assert "cannot share a table" in capsys.readouterr().err
+
+
 def test_missing_peer_is_skipped_with_a_note(monkeypatch, small_timing, tmp_path):
     real = optimizers.build
 

@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--benchmarks", default=None, help="main suite: write this file (BENCHMARKS.md) whole")
     bench.add_argument("--render", default=None, metavar="RESULTS_JSON",
                        help="main suite: run nothing; rebuild the report, curves, --readme and --benchmarks "
-                            "from an earlier run's results.json")
+                            "from an earlier run's results.json; several, comma-separated (base first): each "
+                            "later file's optimizers replace the earlier rows on its workloads, and the merged "
+                            "results.json is written to --out")
     bench.add_argument("--retime", action="store_true",
                        help="with --render: time step() again now and rewrite results.json's step() row (for a "
                             "run whose timing shared the CPU with other work); the losses are kept")
@@ -135,15 +137,28 @@ def _main_job(args, seeds, workloads, optimizers) -> int:
     from .workloads.base import MissingData
 
     if args.render:
-        try:
-            data = json.loads(Path(args.render).read_text())
-        except (OSError, ValueError) as err:
-            print(f"refadamw bench: cannot read --render {args.render}: {err}", file=sys.stderr)
-            return 1
-        if data.get("suite") != "main":
-            print(f"refadamw bench: {args.render} is not a main-suite results.json", file=sys.stderr)
-            return 1
-        out = Path(args.out) if args.out else Path(args.render).parent
+        paths = args.render.split(",")
+        files = []
+        for path in paths:
+            try:
+                files.append((path, json.loads(Path(path).read_text())))
+            except (OSError, ValueError) as err:
+                print(f"refadamw bench: cannot read --render {path}: {err}", file=sys.stderr)
+                return 1
+            if files[-1][1].get("suite") != "main":
+                print(f"refadamw bench: {path} is not a main-suite results.json", file=sys.stderr)
+                return 1
+        if len(files) > 1:
+            from .merge import merge_results
+
+            try:
+                data = merge_results(files)
+            except ValueError as err:
+                print(f"refadamw bench: {err}", file=sys.stderr)
+                return 1
+        else:
+            data = files[0][1]
+        out = Path(args.out) if args.out else Path(paths[0]).parent
         seeds = tuple(data["seeds"])
         if args.retime:
             main_job.retime(data)
@@ -157,7 +172,7 @@ def _main_job(args, seeds, workloads, optimizers) -> int:
     text = report.markdown(data)
     print(text)
     out.mkdir(parents=True, exist_ok=True)
-    if not args.render or args.retime:
+    if not args.render or args.retime or "," in args.render:
         (out / "results.json").write_text(json.dumps(data, indent=1))
     (out / "results.md").write_text(text + "\n")
     try:
