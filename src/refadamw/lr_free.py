@@ -48,8 +48,8 @@ there and 0.7·d was not (1.20× tuned AdamW+cosine); with it 0.85·d̄ is (docs
 AVERAGING_POWER = 1.0
 """The ``averaging_power`` an lr-free group gets when none is given (a fixed-lr group gets 0, Schedule-Free's):
 the average weighs iterates by ``t·lr_max_t²`` rather than ``lr_max_t²``. On Shakespeare over seeds 0–11 the
-lr-free default with 0 blew up on one seed (+14%, and +30% on one of the HF Trainer's two-group runs) and with
-1 on none; on the seeds that did not blow up, 1 was 0.4% lower in the mean (docs/lr_free.md)."""
+lr-free default with 0 blew up on one seed (+14%) and with 1 on none, and on the other eleven 1 was 0.3% lower
+in the mean; with the HF Trainer's two param groups, 2 blow-ups of 12 with 0 and 1 with 1 (docs/lr_free.md)."""
 STAT_KEYS = ("lr_free_d", "lr_free_numerator", "lr_free_d_lagged")
 """The group ``stats`` entries the estimate keeps: the estimate ``d``, the running numerator ``r`` and the
 lagged estimate ``d̄`` that the step uses."""
