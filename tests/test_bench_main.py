@@ -115,7 +115,7 @@ def test_render_refuses_what_is_not_a_main_results_file(tmp_path, capsys):
 
 def test_render_merges_a_rerun_of_some_optimizers_into_an_earlier_run(small_timing, tmp_path, monkeypatch, capsys):
     """``--render base.json,update.json``: the update's optimizers replace their rows (ours re-run with a
-    different step fraction here), the others stay, and every ratio is taken against the merged AdamW+cosine."""
+    different step fraction here), the others stay, each with its ratio to its own run's AdamW+cosine."""
     base, update, merged = tmp_path / "base", tmp_path / "update", tmp_path / "merged"
     run = ["bench", "--quick", "--workloads", "friedman"]
     assert cli.main(run + ["--optimizers", "refadamw,adamw_cosine,schedulefree", "--out", str(base)]) == 0
@@ -136,9 +136,10 @@ def test_render_merges_a_rerun_of_some_optimizers_into_an_earlier_run(small_timi
     assert rows(both, "runs", "refadamw_lr_free") == rows(new, "runs", "refadamw_lr_free")
     assert rows(both, "spike", "schedulefree") == rows(old, "spike", "schedulefree")
     assert [(r["optimizer"], r["clip"]) for r in both["spike"]] == list(main.SPIKED)
-    cosine = rows(both, "summary", "adamw_cosine")[0]["mean"]
-    for row in both["summary"]:
-        assert row["ratio_vs_adamw_cosine"] == pytest.approx(row["mean"] / cosine)
+    assert rows(both, "summary", "schedulefree") == rows(old, "summary", "schedulefree")
+    cosine = rows(new, "summary", "adamw_cosine")[0]["mean"]
+    assert rows(both, "summary", "refadamw")[0]["ratio_vs_adamw_cosine"] == pytest.approx(
+        rows(both, "summary", "refadamw")[0]["mean"] / cosine)
     assert both["step_time"] == old["step_time"] and both["optimizers"] == old["optimizers"]
     assert set(both["curves"]["friedman"]) == set(old["curves"]["friedman"])
     assert both["merged"] == [{"file": str(update / "results.json"), "optimizers": ["refadamw", "adamw_cosine"],
@@ -148,6 +149,10 @@ def test_render_merges_a_rerun_of_some_optimizers_into_an_earlier_run(small_timi
     (tmp_path / "seeds.json").write_text(json.dumps(other_seeds))
     assert cli.main(["bench", "--render", f"{base / 'results.json'},{tmp_path / 'seeds.json'}"]) == 1
     assert "cannot share a table" in capsys.readouterr().err
+    no_baseline = dict(new, optimizers=["refadamw"])
+    (tmp_path / "ours.json").write_text(json.dumps(no_baseline))
+    assert cli.main(["bench", "--render", f"{base / 'results.json'},{tmp_path / 'ours.json'}"]) == 1
+    assert "did not run adamw_cosine" in capsys.readouterr().err
 
 
 def test_missing_peer_is_skipped_with_a_note(monkeypatch, small_timing, tmp_path):

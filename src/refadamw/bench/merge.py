@@ -2,9 +2,11 @@
 
 A change to one optimizer needs only that optimizer re-run (with AdamW+cosine, the baseline of every
 ratio), not the whole main job. Each later file's rows replace the earlier ones' for the optimizers and
-workloads it ran; every other row is kept. Ratios to AdamW+cosine are recomputed from the merged rows.
-The ``step()`` timing is the first file's (its run had the machine to itself; a partial re-run may
-not). The report names what was merged from where (``merged``), so a table never passes for one run.
+workloads it ran; every other row is kept. Each row keeps its ratio to the AdamW+cosine of its own run:
+ratios are taken side by side in one run, and AdamW+cosine is not bit-reproducible across runs (its
+tuned lr on the digits ResNet moved between two). The ``step()`` timing is the first file's (its run had
+the machine to itself; a partial re-run may not). The report names what was merged from where
+(``merged``), so a table never passes for one run.
 """
 
 from __future__ import annotations
@@ -25,12 +27,15 @@ def _optimizers_run(data: dict) -> list[str]:
 
 def merge_results(files: Sequence[tuple[str, dict]]) -> dict:
     """``files``: ``(name, results)`` pairs, the base first. Returns the merged results; the inputs are
-    unchanged; each must be a main-suite results. ValueError when they ran other seeds or sizes."""
+    unchanged; each must be a main-suite results. ValueError when they ran other seeds or sizes, or an
+    update lacks AdamW+cosine (its rows would have no ratio of their own run)."""
     (base_name, base), updates = files[0], files[1:]
     for name, data in updates:
         if (data["seeds"], data["quick"]) != (base["seeds"], base["quick"]):
             raise ValueError(f"{name} ran seeds {data['seeds']} (quick={data['quick']}), {base_name} seeds "
                              f"{base['seeds']} (quick={base['quick']}): their rows cannot share a table")
+        if BASELINE not in data["optimizers"]:
+            raise ValueError(f"{name} did not run {BASELINE}, the baseline of its rows' ratios")
     merged = copy.deepcopy(base)
     merged["merged"] = list(base.get("merged", []))
     for name, update in updates:
@@ -52,9 +57,6 @@ def merge_results(files: Sequence[tuple[str, dict]]) -> dict:
         merged["seconds"] += update["seconds"]
         merged["merged"].append({"file": name, "optimizers": update["optimizers"], "workloads": update["workloads"]})
     _reorder(merged)
-    baseline = {r["workload"]: r["mean"] for r in merged["summary"] if r["optimizer"] == BASELINE}
-    for row in merged["summary"]:
-        row["ratio_vs_adamw_cosine"] = row["mean"] / baseline[row["workload"]] if row["workload"] in baseline else None
     timing = merged["step_time_per_optimizer"]
     for run in merged["runs"]:
         if run["optimizer"] in timing:

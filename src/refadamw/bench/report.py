@@ -37,7 +37,8 @@ def _setup(data: dict) -> str:
     tuned = ("one lr per optimizer (the middle of its grid; ours at its defaults)" if data["quick"]
              else "each peer at the best lr of its grid on seed 0, ours at its defaults")
     merged = "".join(f" The rows of {', '.join(m['optimizers'])} on {', '.join(m['workloads'])} are from a later "
-                     f"run, {m['file']}; the step() timing is the first run's." for m in data.get("merged", []))
+                     f"run, {m['file']}, with their ratios to that run's AdamW+cosine; the step() timing is the first "
+                     "run's." for m in data.get("merged", []))
     return f"Workloads at {size}; {n} seed(s), mean ± std; {tuned}. Seconds: {data['seconds']:.0f}.{merged}"
 
 
