@@ -30,12 +30,31 @@ def floor_label(floor: float | None) -> str:
 VARIANTS = {floor_label(floor): floor for floor in (None, *FLOORS)}
 
 
-def lag_above(floor: float, relative: bool = False) -> None:
+def follow_below(floor_of) -> None:
+    """Wrap refadamw.lr_free.advance so that the step follows d at once while d ≤ ``floor_of(stats)`` (a 0-d
+    tensor, per group), and with the lag, from the floor up, above it."""
     import torch
 
     from refadamw import lr_free
 
-    advance, init_state = lr_free.advance, lr_free.init_state
+    advance = lr_free.advance
+
+    def advance_lagged_above_floor(stats, dots, l1, applied, a, beta3):
+        advance(stats, dots, l1, applied, a, beta3)
+        d, lagged, at = stats["lr_free_d"], stats["lr_free_d_lagged"], floor_of(stats)
+        lagged.copy_(torch.where(d <= at, d, torch.maximum(lagged, torch.minimum(d, at))))
+
+    lr_free.advance = advance_lagged_above_floor
+
+
+def lag_above(floor: float, relative: bool = False) -> None:
+    """:func:`follow_below` one floor for the run: ``floor`` itself, or ``relative``: that fraction of the RMS
+    of all the anchors seen at the first step."""
+    import torch
+
+    from refadamw import lr_free
+
+    init_state = lr_free.init_state
     anchors, at = [], []  # the anchors seen at the first step; the floor, computed once from them
 
     def init_state_kept(shard):
@@ -43,15 +62,14 @@ def lag_above(floor: float, relative: bool = False) -> None:
         anchors.append(state["lr_free_anchor"])
         return state
 
-    def advance_lagged_above_floor(stats, dots, l1, applied, a, beta3):
-        advance(stats, dots, l1, applied, a, beta3)
-        d, lagged = stats["lr_free_d"], stats["lr_free_d_lagged"]
+    def floor_of(stats):
         if not at:
+            d = stats["lr_free_d"]
             at.append(floor * torch.cat(anchors).square().mean().sqrt() if relative else torch.full_like(d, floor))
-        above = torch.maximum(lagged, torch.minimum(d, at[0]))
-        lagged.copy_(torch.where(d <= at[0], d, above))
+        return at[0]
 
-    lr_free.advance, lr_free.init_state = advance_lagged_above_floor, init_state_kept
+    lr_free.init_state = init_state_kept
+    follow_below(floor_of)
 
 
 def run(job):

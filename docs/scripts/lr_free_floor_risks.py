@@ -9,8 +9,7 @@ Variants (each run evaluated at the end; prints its loss and each lr-free group'
 ``defaults``; ``relative floor F`` (no lag while d ≤ F·RMS of the group's sampled initial weights, or of
 their spread about each tensor's mean with ``SPREAD=1``, each group its own; FLOORS lists the F);
 ``same decay`` (the two groups with the default weight decay alike, so only the estimate is split);
-``no repair`` (the defaults with ``repair=False``); ``averaging_power=1`` (the average weighting each iterate by
-its step size);
+``no repair`` (the defaults with ``repair=False``); AVERAGING_POWER sets ours' ``averaging_power`` in all of them;
 ``fixed LR`` (ours at that lr in every group); and bench optimizers as they are: ``adamw_cosine@LR``,
 ``refadamw@LR``, ``prodigy_sf``. The floor wraps refadamw.lr_free.advance in the run's process; a library
 implementation of the spread floor is on the branch ``lr-free-floor``.
@@ -26,6 +25,8 @@ import statistics
 import sys
 from multiprocessing import Pool
 
+from lr_free_floor import follow_below
+
 FLOORS = [float(f) for f in os.environ.get("FLOORS", "2e-3").split(",")]
 SPREAD = os.environ.get("SPREAD") == "1"
 """``SPREAD=1``: the floor is a fraction of the spread of the initial weights about each tensor's mean (pooled
@@ -34,6 +35,9 @@ LRS = {"shakespeare_hf_groups": [3e-3, 1e-2], "full_finetune": [1e-4, 3e-4, 1e-3
 """AdamW+cosine's grid per workload (``COSINE=0`` runs none; ``DEFAULTS=0`` leaves out ours at the defaults)."""
 if os.environ.get("COSINE") == "0":
     LRS = {}
+AVERAGING_POWER = float(os.environ["AVERAGING_POWER"]) if "AVERAGING_POWER" in os.environ else None
+"""Ours' ``averaging_power`` in every variant: None (unset) is the library's default, 1 in the lr-free mode since
+2026-12-07; ``AVERAGING_POWER=0`` reruns the tables of docs/lr_free.md measured before that."""
 PEERS = ("adamw_cosine", "refadamw", "prodigy_sf", "schedulefree")
 """Runs that take an optimizer of the bench as it is: ``name@lr`` at a fixed lr, ``name`` at its default."""
 WORKLOADS = os.environ.get("WORKLOADS", "shakespeare_hf_groups,full_finetune").split(",")
@@ -81,23 +85,16 @@ def run(job):
         name, _, lr = variant.partition("@")
         make_opt, schedule = build(name, float(lr) if lr else None, task.steps)
         return job, runner.train(task, make_opt, schedule=schedule, eval_every=0).final_val_loss, []
-    # "defaults", "same decay" (the groups' weight decay alike), "no repair" (repair=False), "averaging_power=1",
-    # "fixed 0.01" (that lr in every group), or a floor
+    # "defaults", "same decay" (the groups' weight decay alike), "no repair" (repair=False), "fixed 0.01" (that lr
+    # in every group), or a floor
     floor = float(variant.split()[-1]) if "floor" in variant else None
     lr = float(variant.split()[-1]) if variant.startswith("fixed") else None
     if floor is not None:
-        advance = lr_free.advance
-
-        def advance_lagged_above_floor(stats, dots, l1, applied, a, beta3):
-            advance(stats, dots, l1, applied, a, beta3)
-            d, lagged, at = stats["lr_free_d"], stats["lr_free_d_lagged"], stats["floor"]
-            lagged.copy_(torch.where(d <= at, d, torch.maximum(lagged, torch.minimum(d, at))))
-
-        lr_free.advance = advance_lagged_above_floor
+        follow_below(lambda stats: stats["floor"])
 
     def make_ours(model):
         opt = RefAdamWMiniSF(groups(model, workload, variant == "same decay"), lr=lr, total_steps=task.steps,
-                             repair=variant != "no repair", averaging_power=float(variant == "averaging_power=1"))
+                             repair=variant != "no repair", averaging_power=AVERAGING_POWER)
         for group in opt.param_groups if floor is not None else ():
             samples = [lr_free.sampled(p.detach()) for p in group["params"]]
             if SPREAD:

@@ -148,7 +148,8 @@ def _main_job(args, seeds, workloads, optimizers) -> int:
             if files[-1][1].get("suite") != "main":
                 print(f"refadamw bench: {path} is not a main-suite results.json", file=sys.stderr)
                 return 1
-        if len(files) > 1:
+        merging = len(files) > 1
+        if merging:
             from .merge import merge_results
 
             try:
@@ -172,7 +173,7 @@ def _main_job(args, seeds, workloads, optimizers) -> int:
     text = report.markdown(data)
     print(text)
     out.mkdir(parents=True, exist_ok=True)
-    if not args.render or args.retime or "," in args.render:
+    if not args.render or args.retime or merging:
         (out / "results.json").write_text(json.dumps(data, indent=1))
     (out / "results.md").write_text(text + "\n")
     try:
