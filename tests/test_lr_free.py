@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from refadamw import AdamWMiniSF, RefAdamWMiniSF, fused_backward, lr_free
+from refadamw.controller import Decision
 
 
 def _model(seed=0, width=32):
@@ -298,3 +299,89 @@ def test_a_checkpoint_from_before_the_lag_resumes_stepping_with_its_d():
         p.grad = q.grad
     resumed.step()
     assert float(resumed.stats()["lr"]) == pytest.approx(lr_free.STEP_FRACTION * float(d), rel=1e-6)
+
+
+def _scripted(opt, pull: float, skip: bool, fused: bool) -> None:
+    """Make the controller answer with ``pull`` and ``skip`` (level 3): in ``step()`` through ``decide``; in the
+    fused backward pass through ``standing``, the decision the next backward applies."""
+    decision = Decision(torch.tensor(0.0), torch.tensor(pull), torch.tensor(skip), torch.tensor(3))
+    if fused:
+        opt.controller.standing = lambda: decision._replace(skip=torch.tensor(False))
+    else:
+        opt.controller.decide = lambda signals, max_steps=None: decision
+
+
+@pytest.mark.parametrize(("path", "skip"), [*((p, s) for p in PATHS for s in (False, True)), ("fused backward", False)])
+def test_a_pull_cuts_the_estimate(path, skip):
+    """On a step where the controller pulls z toward x by ρ, the lagged d̄, and with it the next step's size, ends
+    at (1 − REPAIR_CUT·ρ) of what the same step gives without the pull, on a skipped step too, where the pull acts
+    as well; d and r are those of the step without the pull (its terms are read before the pull moves z). (The fused backward pass skips through the
+    controller's ``spike_so_far``, not through a standing decision.)"""
+    x, y = _data()
+    fused = path == "fused backward"
+
+    def run(pull: float):
+        model = _model()
+        opt = RefAdamWMiniSF(model.parameters(), lr=None, warmup_steps=3, total_steps=60, ref_alpha=0.0,
+                             fused_back_pass=fused, **PATHS.get(path, {}))
+        if fused:
+            fused_backward(model, opt)
+        for t in range(31):
+            if t == 30:
+                _scripted(opt, pull, skip, fused)
+            opt.zero_grad()
+            _loss(model, x, y).backward()
+            opt.step()
+        return opt.param_groups[0], opt.stats()
+
+    (plain, _), (pulled, stats) = run(0.0), run(0.5)
+    assert float(plain["stats"]["lr_free_d"]) > 10 * lr_free.D0  # the estimate moved: its cut is not of D0
+    kept = 1 - lr_free.REPAIR_CUT * 0.5
+    assert kept == 0.75  # REPAIR_CUT = 0.5: a cut of 0 would pass the comparisons below
+    for key in ("lr_free_d", "lr_free_numerator"):
+        assert torch.equal(pulled["stats"][key], plain["stats"][key]), key
+    lagged = float(plain["stats"]["lr_free_d_lagged"])
+    assert float(pulled["stats"]["lr_free_d_lagged"]) == pytest.approx(kept * lagged, rel=1e-6)
+    assert float(pulled["lr"]) == pytest.approx(kept * float(plain["lr"]), rel=1e-6)
+
+
+def test_a_pull_on_a_non_finite_step_leaves_the_estimate():
+    """A NaN gradient changes nothing, the estimate included: the kernels do not pull there, and nor is d̄ cut."""
+    x, y = _data()
+    model = _model()
+    opt = RefAdamWMiniSF(model.parameters(), lr=None, warmup_steps=3, total_steps=60)
+    for _ in range(20):
+        opt.zero_grad()
+        _loss(model, x, y).backward()
+        opt.step()
+    before = {k: v.clone() for k, v in opt.param_groups[0]["stats"].items() if k in lr_free.STAT_KEYS}
+    _scripted(opt, 1.0, True, False)
+    opt.zero_grad()
+    _loss(model, x, y).backward()
+    model[0].weight.grad[0, 0] = float("nan")
+    opt.step()
+    for key, value in before.items():
+        assert torch.equal(opt.param_groups[0]["stats"][key], value), key
+
+
+def test_a_lasting_divergence_cuts_the_step_size_and_repair_false_does_not():
+    """The real controller, fed a loss blown up ×10⁴ for eight steps, pulls and so cuts the step size d̄ (d
+    stands); with ``repair=False`` the step size never decreases."""
+    x, y = _data()
+
+    def run(repair: bool):
+        model = _model()
+        opt = RefAdamWMiniSF(model.parameters(), lr=None, warmup_steps=3, total_steps=100, repair=repair)
+        for t in range(48):
+            opt.zero_grad()
+            (_loss(model, x, y) * (1e4 if 40 <= t else 1)).backward()
+            opt.step()
+            if t == 39:
+                before = {k: float(opt.param_groups[0]["stats"][k]) for k in ("lr_free_d", "lr_free_d_lagged")}
+        return before, {k: float(opt.param_groups[0]["stats"][k]) for k in before}, opt.stats()
+
+    before, after, stats = run(True)
+    assert int(stats["repairs"]) > 0
+    assert after["lr_free_d_lagged"] < 0.6 * before["lr_free_d_lagged"] and after["lr_free_d"] >= before["lr_free_d"]
+    before, after, stats = run(False)
+    assert int(stats["repairs"]) == 0 and after["lr_free_d_lagged"] >= before["lr_free_d_lagged"]

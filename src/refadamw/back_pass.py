@@ -123,22 +123,29 @@ class BackwardRound:
         entry["count"] += count
 
     def record_lr_free(self, group: dict[str, Any], indices: list[int], dots: torch.Tensor, l1: torch.Tensor,
-                       a: torch.Tensor) -> None:
-        """Add one kernel call's per-tensor lr-free sums (:mod:`refadamw.lr_free`); ``a`` is the step's weight."""
-        entry = self.lr_free.setdefault(id(group), {"group": group, "indices": [], "dots": [], "l1": [], "a": a})
+                       a: torch.Tensor, pull: torch.Tensor | None) -> None:
+        """Add one kernel call's per-tensor lr-free sums (:mod:`refadamw.lr_free`); ``a`` is the step's weight,
+        ``pull`` the controller's pull as that call applied it (None without a controller): the estimate is cut
+        only when every call of the group pulled."""
+        entry = self.lr_free.setdefault(id(group), {"group": group, "indices": [], "dots": [], "l1": [], "a": a,
+                                                    "pull": pull})
+        if pull is not None:
+            entry["pull"] = torch.minimum(entry["pull"], pull)
         entry["indices"] += indices
         entry["dots"].append(dots)
         entry["l1"].append(l1)
 
-    def take_lr_free(self) -> list[tuple[dict[str, Any], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per lr-free group: ``(group, dots, l1, applied, a)``, the sums in the group's parameter order, as
+    def take_lr_free(self) -> list[tuple[dict[str, Any], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                         torch.Tensor | None]]:
+        """Per lr-free group: ``(group, dots, l1, applied, a, pull)``, the sums in the group's parameter order, as
         ``step()`` adds them, so the estimate is the same bit for bit."""
         out = []
         for key, entry in self.lr_free.items():
             order = sorted(range(len(entry["indices"])), key=entry["indices"].__getitem__)
             at = torch.tensor(order, device=entry["a"].device)
             applied = self.groups[key]["applied"]
-            out.append((entry["group"], torch.cat(entry["dots"])[at], torch.cat(entry["l1"])[at], applied, entry["a"]))
+            out.append((entry["group"], torch.cat(entry["dots"])[at], torch.cat(entry["l1"])[at], applied, entry["a"],
+                        entry["pull"]))
         return out
 
     def finish_stats(self) -> None:

@@ -14,9 +14,10 @@ with estimate ``d`` (``d = D0`` at first) and warmup factor ``w_t = min(1, t/war
     s_i    ← β3·s_i + a·g_S                             one sample buffer per tensor
     d      ← max(d, r / Σ_tensors ‖s_i‖₁)                for the next step; unchanged while the sum is 0
     d̄      ← d̄ + (d − d̄)/τ                            the step follows d with a lag (d̄ = D0 at first)
+    d̄      ← (1 − κ·ρ)·d̄                              where the controller pulls z toward x by ρ
 
-with ``c = STEP_FRACTION``, ``τ = LAG_STEPS``, ``β3 = sqrt(β2)`` and ``x0`` the tensor's sampled values at
-its first step. ``r``, ``d`` and ``d̄`` live in the group's ``stats`` (``lr_free_numerator``,
+with ``c = STEP_FRACTION``, ``τ = LAG_STEPS``, ``κ = REPAIR_CUT``, ``β3 = sqrt(β2)`` and ``x0`` the tensor's
+sampled values at its first step. ``r``, ``d`` and ``d̄`` live in the group's ``stats`` (``lr_free_numerator``,
 ``lr_free_d``, ``lr_free_d_lagged``); ``s`` and ``x0`` in each parameter's state. Everything is tensor
 arithmetic: nothing reads a value on the host. The sums over a group's tensors are taken per tensor and
 then added in the group's parameter order; under FSDP2 each rank samples its own shard and the two sums
@@ -50,6 +51,15 @@ AVERAGING_POWER = 1.0
 the average weighs iterates by ``t·lr_max_t²`` rather than ``lr_max_t²``. On Shakespeare over seeds 0–11 the
 lr-free default with 0 blew up on one seed (+14%) and with 1 on none, and on the other eleven 1 was 0.3% lower
 in the mean; with the HF Trainer's two param groups, 2 blow-ups of 12 with 0 and 1 with 1 (docs/lr_free.md)."""
+REPAIR_CUT = 0.5
+"""``κ``: on a step where the Ref controller pulls ``z`` toward ``x`` by ``ρ`` (a divergence that lasted
+``pull_after`` flagged steps; :mod:`refadamw.controller`), the step size is cut to ``1 − κ·ρ`` of itself
+(0.85 / 0.75 / 0.5 on the ladder's rungs), as one would lower a fixed lr that diverges, and then climbs back
+toward ``d`` with the lag, as after a new warmup. ``d`` and ``r`` stand: the distance is still what it was,
+the step was too large for where the run is. With the HF Trainer's two param groups, Shakespeare seed 6
+ended at 2.477 with the pull alone, 2.093 without repair and 1.864 with the cut; cutting ``d`` and ``r``
+too left the step low for the rest of the run (seed 1: 1.980, against 1.928 with the pull alone and 1.888
+with this cut; docs/lr_free.md)."""
 STAT_KEYS = ("lr_free_d", "lr_free_numerator", "lr_free_d_lagged")
 """The group ``stats`` entries the estimate keeps: the estimate ``d``, the running numerator ``r`` and the
 lagged estimate ``d̄`` that the step uses."""
@@ -175,9 +185,11 @@ class Observation:
 
 
 def advance(stats: dict[str, torch.Tensor], dots: torch.Tensor, l1: torch.Tensor, applied: torch.Tensor,
-            a: torch.Tensor, beta3: float) -> None:
+            a: torch.Tensor, beta3: float, pull: torch.Tensor | None = None) -> None:
     """End of a group's step: ``r ← β3·r + a·Σ dots``, ``d ← max(d, r/Σ ‖s‖₁)`` and ``d̄ ← d̄ + (d − d̄)/τ``,
-    where ``applied``.
+    where ``applied``; then, with the controller's ``pull`` ρ as the kernels applied it (0 on a step whose
+    gradients were not finite; None without a controller), ``d̄ ← (1 − REPAIR_CUT·ρ)·d̄``, also on a skipped
+    step, where the pull acts too.
 
     ``dots`` and ``l1`` are the per-tensor values of the step's tensors in the group's parameter order
     (already summed over the ranks for sharded tensors)."""
@@ -190,3 +202,5 @@ def advance(stats: dict[str, torch.Tensor], dots: torch.Tensor, l1: torch.Tensor
     d.copy_(torch.where(usable, torch.maximum(d, estimate), d))
     lagged = stats["lr_free_d_lagged"]
     lagged.copy_(torch.where(applied, lagged + (d - lagged) / LAG_STEPS, lagged))
+    if pull is not None:
+        lagged.mul_(1 - REPAIR_CUT * pull.to(lagged.device, lagged.dtype))

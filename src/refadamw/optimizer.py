@@ -303,7 +303,8 @@ class AdamWMiniSF(torch.optim.Optimizer):
                                 lr_free=seen)
         self._round.record(group, report.applied, report.lr, report.effective_lr, len(indices))
         if seen is not None:
-            self._round.record_lr_free(group, indices, *seen.commit(report.applied), seen.a)
+            pull = _pull_applied(group, control, norms)
+            self._round.record_lr_free(group, indices, *seen.commit(report.applied), seen.a, pull)
 
     step_param = step_parameter
     """kohya sd-scripts' name: its ``--fused_backward_pass`` hooks call ``optimizer.step_param(p, group)``."""
@@ -359,8 +360,8 @@ class AdamWMiniSF(torch.optim.Optimizer):
         done, self._round = self._round, None
         if done is None:
             return
-        for group, dots, l1, applied, a in done.take_lr_free():
-            _advance_lr_free(group, dots, l1, applied, a)
+        for group, dots, l1, applied, a, pull in done.take_lr_free():
+            _advance_lr_free(group, dots, l1, applied, a, pull)
         done.finish_stats()
         if self.controller is not None:
             device = self.controller.device
@@ -421,7 +422,8 @@ class AdamWMiniSF(torch.optim.Optimizer):
                 dots, l1 = seen.commit(report.applied)
                 if plan.cache is None:  # sharded: each rank saw its own shards
                     dots, l1 = (torch.stack(sharding.global_sums(whole, list(v.unbind()))) for v in (dots, l1))
-                _advance_lr_free(group, dots, l1, report.applied, seen.a)
+                pull = _pull_applied(group, control, None if norms is None else norms[i])
+                _advance_lr_free(group, dots, l1, report.applied, seen.a, pull)
             stats = group["stats"]
             applied = report.applied.to(stats["steps"])
             stats["steps"].add_(applied)
@@ -603,9 +605,17 @@ def _observe_lr_free(group: dict[str, Any], plan: param_state.GroupPlan) -> lr_f
     return lr_free.Observation(plan.states, lr_free.weight(group["stats"], group["warmup_steps"]), _beta3(group))
 
 
-def _advance_lr_free(group: dict[str, Any], dots, l1, applied, a) -> None:
-    lr_free.advance(group["stats"], dots, l1, applied.to(a.device), a, _beta3(group))
+def _advance_lr_free(group: dict[str, Any], dots, l1, applied, a, pull) -> None:
+    lr_free.advance(group["stats"], dots, l1, applied.to(a.device), a, _beta3(group), pull)
     group["lr"] = lr_free.step_size(group["stats"], group["lr_free_scale"])  # shown to loggers; read by nothing
+
+
+def _pull_applied(group: dict[str, Any], control: kernels.Control | None, norms) -> torch.Tensor | None:
+    """The controller's pull as the kernels apply it to the tensors of ``norms`` (None: no controller, or a
+    group without Schedule-Free's ``z``): none where their gradients were not finite."""
+    if control is None or not group["schedule_free"]:
+        return None
+    return torch.where(kernels.all_finite(norms).to(control.pull.device), control.pull, 0.0)
 
 
 def _beta3(group: dict[str, Any]) -> float:
