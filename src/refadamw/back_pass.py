@@ -125,7 +125,7 @@ class BackwardRound:
     def record_lr_free(self, group: dict[str, Any], indices: list[int], dots: torch.Tensor, l1: torch.Tensor,
                        a: torch.Tensor, pull: torch.Tensor | None) -> None:
         """Add one kernel call's per-tensor lr-free sums (:mod:`refadamw.lr_free`); ``a`` is the step's weight,
-        ``pull`` the controller's pull as that call applied it (None without a controller): the estimate is cut
+        ``pull`` the controller's pull as that call applied it (None without a controller): the step size is cut
         only when every call of the group pulled."""
         entry = self.lr_free.setdefault(id(group), {"group": group, "indices": [], "dots": [], "l1": [], "a": a,
                                                     "pull": pull})
