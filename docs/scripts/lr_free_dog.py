@@ -41,7 +41,7 @@ def use_dog(c: float) -> None:
         last["rms"] = (self.distance_sq / self.count).sqrt()
         return commit(self, applied)
 
-    def advance_dog(stats, dots, l1, applied, a, beta3):
+    def advance_dog(stats, dots, l1, applied, a, beta3, pull=None):  # measured before the repair cut: no cut here
         d, lagged = stats["lr_free_d"], stats["lr_free_d_lagged"]
         r_bar = stats.setdefault("dog_r_bar", torch.full((), lr_free.D0, device=d.device))
         r_bar.copy_(torch.where(applied, torch.maximum(r_bar, last["rms"]), r_bar))

@@ -39,8 +39,8 @@ def follow_below(floor_of) -> None:
 
     advance = lr_free.advance
 
-    def advance_lagged_above_floor(stats, dots, l1, applied, a, beta3):
-        advance(stats, dots, l1, applied, a, beta3)
+    def advance_lagged_above_floor(stats, dots, l1, applied, a, beta3, pull=None):
+        advance(stats, dots, l1, applied, a, beta3, pull)
         d, lagged, at = stats["lr_free_d"], stats["lr_free_d_lagged"], floor_of(stats)
         lagged.copy_(torch.where(d <= at, d, torch.maximum(lagged, torch.minimum(d, at))))
 

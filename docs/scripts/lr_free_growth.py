@@ -34,10 +34,10 @@ def lag_with_growth(rho: float) -> None:
 
     advance = lr_free.advance
 
-    def advance_with_growth(stats, dots, l1, applied, a, beta3):
+    def advance_with_growth(stats, dots, l1, applied, a, beta3, pull=None):
         lagged = stats["lr_free_d_lagged"]
         before = lagged.clone()
-        advance(stats, dots, l1, applied, a, beta3)
+        advance(stats, dots, l1, applied, a, beta3, pull)
         grown = torch.minimum(stats["lr_free_d"], torch.maximum(lagged, before * (1 + rho)))
         lagged.copy_(torch.where(applied, grown, lagged))
 
