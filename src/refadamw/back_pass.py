@@ -127,9 +127,11 @@ class BackwardRound:
         """Add one kernel call's per-tensor lr-free sums (:mod:`refadamw.lr_free`); ``a`` is the step's weight,
         ``pull`` the controller's pull as that call applied it (None without a controller): the step size is cut
         only when every call of the group pulled."""
-        entry = self.lr_free.setdefault(id(group), {"group": group, "indices": [], "dots": [], "l1": [], "a": a,
-                                                    "pull": pull})
-        if pull is not None:
+        entry = self.lr_free.get(id(group))
+        if entry is None:
+            entry = self.lr_free[id(group)] = {"group": group, "indices": [], "dots": [], "l1": [], "a": a,
+                                               "pull": pull}
+        elif pull is not None:
             entry["pull"] = torch.minimum(entry["pull"], pull)
         entry["indices"] += indices
         entry["dots"].append(dots)

@@ -285,7 +285,7 @@ class AdamWMiniSF(torch.optim.Optimizer):
         """The update of ``group``'s parameters ``indices`` from the gradients ``given``: one kernel call."""
         plan = self._param_plan(group, indices)
         grads, _, fresh = _gradients(plan, given)
-        norms = control = None
+        norms = control = finite = None
         if self.controller is not None:
             native = group["schedule_free"] and group["foreach"] is not False and group["fused"] is not False
             norms = kernels.grad_norms(plan.params, grads, plan.states, plan.layouts, cache=plan.cache, native=native)
@@ -303,7 +303,7 @@ class AdamWMiniSF(torch.optim.Optimizer):
                                 lr_free=seen)
         self._round.record(group, report.applied, report.lr, report.effective_lr, len(indices))
         if seen is not None:
-            pull = _pull_applied(group, control, norms)
+            pull = _pull_applied(group, control, finite)
             self._round.record_lr_free(group, indices, *seen.commit(report.applied), seen.a, pull)
 
     step_param = step_parameter
@@ -422,7 +422,7 @@ class AdamWMiniSF(torch.optim.Optimizer):
                 dots, l1 = seen.commit(report.applied)
                 if plan.cache is None:  # sharded: each rank saw its own shards
                     dots, l1 = (torch.stack(sharding.global_sums(whole, list(v.unbind()))) for v in (dots, l1))
-                pull = _pull_applied(group, control, None if norms is None else norms[i])
+                pull = _pull_applied(group, control, None if control is None else kernels.all_finite(norms[i]))
                 _advance_lr_free(group, dots, l1, report.applied, seen.a, pull)
             stats = group["stats"]
             applied = report.applied.to(stats["steps"])
@@ -610,12 +610,14 @@ def _advance_lr_free(group: dict[str, Any], dots, l1, applied, a, pull) -> None:
     group["lr"] = lr_free.step_size(group["stats"], group["lr_free_scale"])  # shown to loggers; read by nothing
 
 
-def _pull_applied(group: dict[str, Any], control: kernels.Control | None, norms) -> torch.Tensor | None:
-    """The controller's pull as the kernels apply it to the tensors of ``norms`` (None: no controller, or a
-    group without Schedule-Free's ``z``): none where their gradients were not finite."""
+def _pull_applied(group: dict[str, Any], control: kernels.Control | None,
+                  finite: torch.Tensor | None) -> torch.Tensor | None:
+    """The controller's pull as the kernels apply it (None: no controller, or a group without Schedule-Free's
+    ``z``): none where ``finite``, the kernels' gate (:func:`refadamw.kernels.all_finite` of the call's
+    gradient norms), is false."""
     if control is None or not group["schedule_free"]:
         return None
-    return torch.where(kernels.all_finite(norms).to(control.pull.device), control.pull, 0.0)
+    return torch.where(finite.to(control.pull.device), control.pull, 0.0)
 
 
 def _beta3(group: dict[str, Any]) -> float:
